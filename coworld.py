@@ -1,0 +1,1433 @@
+"""CoWorld: Collaborative World Models for offline visual RL (Wang et al., ICML 2024).
+
+One file, in the order of the paper:
+  1. Config (Table 7) and the command line
+  2. Networks: CNN encoder/decoder, RSSM (Eq. 1), heads, the truncated action distribution
+  3. World-model learning (Eq. 2), Stage A state alignment (Eq. 3)
+  4. Stage B reward alignment (Eq. 4, 5)
+  5. Behaviour learning: imagination, lambda-return (Eq. 8), Stage C value constraint (Eq. 6, 11),
+     actor (Eq. 7, 10)
+  6. Multi-source selection (Appendix C, Eq. 12)
+  7. The agent: update steps, acting, evaluation, checkpoints
+  8. The training loop: Algorithm 1
+  9. main()
+
+Read it next to the paper: every equation is a small function whose docstring cites it, and the
+training loop cites the lines of Algorithm 1.
+"""
+import argparse
+import copy
+import dataclasses
+import json
+import math
+import os
+import random
+import signal
+import sys
+import threading
+import time
+import traceback
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+import envs  # sets MUJOCO_GL before anything imports mujoco
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+# =============================================================================================
+# 1. Config: the paper's Table 7 as defaults, presets for other scales, the command line
+# =============================================================================================
+
+def param(default, help):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class Config:
+    # Run
+    source: tuple = param(("metaworld:window-close",), "online source environment(s) S; several = multi-source (App. C)")
+    target: str = param("robodesk:open_slide", "offline target task T (its simulator is used for evaluation only)")
+    target_data: str = param("", "offline dataset folder B^(T); empty = build (or reuse) a default dataset")
+    method: str = param("coworld", "coworld | offline-dv2 (no source, Lu et al. 2023) | dv2-finetune")
+    logdir: str = param("", "output folder; empty = runs/<method>-<target>-s<seed>")
+    data_dir: str = param("data", "where default target datasets are cached")
+    preset: str = param("auto", "auto (paper on GPU, small on CPU) | paper | small")
+    seed: int = param(0, "random seed")
+    device: str = param("auto", "auto | cpu | cuda")
+    precision: str = param("auto", "auto (bf16 on CUDA, float32 on CPU) | float32 | bf16")
+    render: str = param("default", "default (the benchmarks' look) | fast (no shadows/reflections/MSAA)")
+    debug: bool = param(False, "show tracebacks for errors")
+    # Co-training (Table 7; None = the value of the target's suite)
+    beta1: float = param(1.0, "beta1: KL loss scale (Eq. 3)")
+    beta2: typing.Optional[float] = param(None, "beta2: domain KL loss scale (Eq. 3); 1 MW/RoboDesk, 1.5 DMC")
+    k: typing.Optional[float] = param(None, "k: target-informed reward factor (Eq. 4); 0.3 MW/RoboDesk, 0.9 DMC")
+    alpha: typing.Optional[float] = param(None, "alpha: target critic value constraint scale (Eq. 6); 2 MW/RoboDesk, 1 DMC")
+    K1: int = param(20_000, "K1: offline target iterations per round (Alg. 1 line 5)")
+    K2: typing.Optional[int] = param(None, "K2: online source steps per round (Alg. 1 line 15); 5e4 MW/RoboDesk, 2e4 DMC")
+    rounds: typing.Optional[int] = param(None, "rounds of Alg. 1's while loop; default: 300k (MW/RoboDesk) or 600k (DMC) iterations")
+    eta_start: float = param(1.0, "eta at the start of the online stages (Eq. 5)")
+    eta_end: float = param(0.1, "eta at the end of the online stages (Eq. 5)")
+    state_alignment: bool = param(True, "Stage A (Eq. 3); --no-state-alignment is the ablation")
+    reward_alignment: bool = param(True, "Stage B (Eq. 4, 5); --no-reward-alignment is the ablation")
+    value_constraint: str = param("max", "Stage C (Eq. 6): max | linear ('w/o Max', Sec. 4.5) | none")
+    # World model (Table 7 and DreamerV2)
+    replay_capacity: int = param(2_000_000, "replay capacity in steps")
+    batch_size: int = param(50, "B: batch size")
+    seq_len: int = param(50, "L: sequence length")
+    stoch: int = param(32, "discrete latent dimensions")
+    classes: int = param(32, "discrete latent classes")
+    deter: int = param(600, "RSSM number of units (deterministic state)")
+    hidden: int = param(600, "RSSM hidden layer size")
+    cnn_depth: int = param(48, "CNN depth of the first encoder layer")
+    mlp_units: int = param(400, "units of the reward, discount, actor and critic MLPs")
+    mlp_layers: int = param(4, "hidden layers of those MLPs")
+    kl_balance: float = param(0.8, "KL balancing: weight of KL(sg(q) || p)")
+    free_nats: float = param(1.0, "free nats, applied to the batch mean of each KL side")
+    model_lr: float = param(2e-4, "world model learning rate")
+    ensemble: int = param(7, "prior ensemble size of the offline-dv2 baseline")
+    penalty: float = param(10.0, "offline-dv2 reward penalty scale (lambda of Lu et al.)")
+    # Behaviour learning (Table 7, App. A.3)
+    horizon: int = param(15, "H: imagination horizon")
+    gamma: float = param(0.995, "gamma: discount")
+    lambda_: float = param(0.95, "lambda: lambda-target (Eq. 8)")
+    actor_lr: float = param(4e-5, "actor learning rate")
+    critic_lr: float = param(1e-4, "critic learning rate")
+    rho: float = param(1.0, "rho: dynamics backprop vs REINFORCE mix (Eq. 7)")
+    beta: float = param(1e-4, "beta: actor entropy scale (Eq. 7)")
+    slow_critic_every: int = param(100, "hard copy of the slow target critic every N updates")
+    adam_eps: float = param(1e-5, "Adam epsilon")
+    grad_clip: float = param(100.0, "gradient clipping (global norm, per optimiser)")
+    # Interaction
+    train_every: int = param(5, "environment steps per update online")
+    prefill: typing.Optional[int] = param(None, "random steps before training; 5000 MW/RoboDesk, 2500 DMC")
+    pretrain_steps: typing.Optional[int] = param(None, "source pretraining steps (Alg. 1 line 3); 160k MW/RoboDesk, 600k DMC")
+    stop_return: typing.Optional[float] = param(None, "online: stop once the last 5 episodes average this return (medium-replay)")
+    max_episode_steps: typing.Optional[int] = param(None, "shorter episodes (tests and demos)")
+    target_episodes: int = param(200, "episodes in a default target dataset")
+    dataset_policy: str = param("auto", "policy of a default target dataset: auto (scripted on Meta-World, else random) | random | scripted")
+    # Evaluation, logging, checkpoints
+    eval_episodes: int = param(10, "evaluation episodes")
+    eval_random: bool = param(False, "also evaluate a uniform random policy")
+    log_every: int = param(100, "updates between metric logs")
+    checkpoint_every: int = param(2000, "updates between checkpoints")
+
+
+# Table 7's per-suite columns, keyed by the target's family; the last three are per-environment.
+SUITES = {
+    "metaworld": dict(beta2=1.0, k=0.3, alpha=2.0, K2=50_000, iterations=300_000, pretrain_steps=160_000, prefill=5000),
+    "robodesk": dict(beta2=1.0, k=0.3, alpha=2.0, K2=50_000, iterations=300_000, pretrain_steps=160_000, prefill=5000),
+    "dmc": dict(beta2=1.5, k=0.9, alpha=1.0, K2=20_000, iterations=600_000, pretrain_steps=600_000, prefill=2500),
+}
+
+# Presets change scale, never code. `small` makes every path run in minutes on a 2-core CPU.
+PRESETS = {
+    "paper": {},
+    "small": dict(
+        batch_size=16, seq_len=32, stoch=16, classes=16, deter=200, hidden=200, cnn_depth=16,
+        mlp_units=200, mlp_layers=2, K1=400, K2=2000, rounds=2, pretrain_steps=5000, prefill=1000,
+        target_episodes=10, eval_episodes=3, render="fast", replay_capacity=200_000,
+        log_every=25, checkpoint_every=250,
+    ),
+}
+METHODS = ("coworld", "offline-dv2", "dv2-finetune")
+COMMANDS = ("train", "online", "evaluate", "bench")
+
+
+class ConfigError(ValueError):
+    """A bad flag or value; main() prints it as one line and exits with code 2."""
+
+
+def family(env_name):
+    return env_name.split(":", 1)[0]
+
+
+def resolve(cfg: Config, command: str = "train") -> Config:
+    """Fill the per-suite (None) values of Table 7, the device and the output folder."""
+    suite = SUITES.get(family(cfg.target), SUITES["metaworld"])
+    values = {name: suite[name] for name in ("beta2", "k", "alpha", "K2", "pretrain_steps")
+              if getattr(cfg, name) is None}
+    if cfg.rounds is None:
+        values["rounds"] = max(1, math.ceil(suite["iterations"] / (cfg.K1 + (values.get("K2") or cfg.K2))))
+    if cfg.device == "auto":
+        values["device"] = "cuda" if torch.cuda.is_available() else "cpu"
+    device = values.get("device", cfg.device)
+    if cfg.precision == "auto":
+        values["precision"] = "bf16" if device == "cuda" else "float32"
+    if not cfg.logdir:
+        name = cfg.source[0] if command == "online" else cfg.target
+        label = "online" if command == "online" else cfg.method
+        values["logdir"] = f"runs/{label}-{name.replace(':', '-')}-s{cfg.seed}"
+    return dataclasses.replace(cfg, **values)
+
+
+def prefill_steps(cfg, env_name):
+    return cfg.prefill if cfg.prefill is not None else SUITES[family(env_name)]["prefill"]
+
+
+def validate(cfg: Config):
+    """Reject values that cannot work, with a message that says which flag to change."""
+    checks = [
+        (cfg.method in METHODS, f"--method must be one of {', '.join(METHODS)}"),
+        (cfg.preset in ("auto", *PRESETS), f"--preset must be auto or one of {', '.join(PRESETS)}"),
+        (cfg.device in ("cpu", "cuda"), "--device must be auto, cpu or cuda"),
+        (cfg.device != "cuda" or torch.cuda.is_available(), "--device cuda, but torch sees no CUDA device"),
+        (cfg.precision in ("float32", "bf16"), "--precision must be auto, float32 or bf16"),
+        (cfg.render in ("default", "fast"), "--render must be default or fast"),
+        (cfg.value_constraint in ("max", "linear", "none"), "--value-constraint must be max, linear or none"),
+        (cfg.dataset_policy in ("auto", "random", "scripted"), "--dataset-policy must be auto, random or scripted"),
+        (0.0 <= cfg.k <= 1.0, "--k must lie in [0, 1]"),
+        (0.0 < cfg.gamma <= 1.0, "--gamma must lie in (0, 1]"),
+        (0.0 <= cfg.lambda_ <= 1.0, "--lambda must lie in [0, 1]"),
+        (0.0 <= cfg.kl_balance <= 1.0, "--kl-balance must lie in [0, 1]"),
+        (min(cfg.batch_size, cfg.seq_len, cfg.horizon, cfg.stoch, cfg.classes, cfg.deter, cfg.hidden,
+             cfg.cnn_depth, cfg.mlp_units, cfg.mlp_layers, cfg.train_every, cfg.ensemble) > 0,
+         "sizes (batch, sequence, horizon, network widths, train-every, ensemble) must be positive"),
+        (cfg.horizon >= 2, "--horizon must be at least 2"),
+        (min(cfg.K1, cfg.K2, cfg.rounds, cfg.pretrain_steps, cfg.eval_episodes, cfg.target_episodes) >= 0,
+         "iteration and episode counts must not be negative"),
+        (len(cfg.source) >= 1, "--source needs at least one environment"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+    for name in (*cfg.source, cfg.target):
+        envs.check_env_name(name)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise ConfigError(message)
+
+
+def flag_name(name):
+    return "--" + name.rstrip("_").replace("_", "-")
+
+
+def build_parser(command):
+    parser = _Parser(prog=f"coworld.py {command}" if command != "train" else "coworld.py",
+                     argument_default=argparse.SUPPRESS,
+                     description=COMMAND_HELP[command])
+    hints = typing.get_type_hints(Config)
+    if command == "online":
+        parser.add_argument("--env", help="the environment to train on online (DreamerV2)")
+        parser.add_argument("--steps", type=int, help="environment steps (after action repeat)")
+    if command == "evaluate":
+        parser.add_argument("--checkpoint", help="checkpoint file (default: <logdir>/checkpoint.pt)")
+    if command == "bench":
+        parser.add_argument("--updates", type=int, help="timed updates per measurement (default 3)")
+        parser.add_argument("--env-steps", type=int, help="environment steps per env benchmark (default 50)")
+    for f in dataclasses.fields(Config):
+        kind = typing.get_args(hints[f.name])[0] if typing.get_origin(hints[f.name]) is typing.Union else hints[f.name]
+        kwargs = dict(help=f"{f.metadata['help']} (default: {f.default})")
+        if kind is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif kind is tuple:
+            kwargs["nargs"] = "+"
+        else:
+            kwargs["type"] = kind
+        parser.add_argument(flag_name(f.name), dest=f.name, **kwargs)
+    return parser
+
+
+COMMAND_HELP = {
+    "train": "CoWorld (Algorithm 1): pretrain the source agent(s) online, then alternate offline target "
+             "iterations and online source iterations, then evaluate the target agent.",
+    "online": "Train one DreamerV2 agent online (Alg. 1 line 3); its replay folder is a medium-replay "
+              "dataset when --stop-return is set.",
+    "evaluate": "Evaluate the target agent of a finished or running CoWorld run.",
+    "bench": "Time updates, acting and environment steps; prints numbers to paste into an issue.",
+}
+
+
+def parse_args(argv):
+    """Command line -> (command, Config): dataclass defaults < preset < explicit flags."""
+    argv = list(argv)
+    command = argv.pop(0) if argv and argv[0] in COMMANDS else "train"
+    given = vars(build_parser(command).parse_args(argv))
+    extra = {key: given.pop(key) for key in ("env", "steps", "checkpoint", "updates", "env_steps") if key in given}
+    if "env" in extra:
+        given["source"] = (extra["env"],)
+    if "steps" in extra:
+        given["pretrain_steps"] = extra["steps"]
+    if "source" in given:
+        given["source"] = tuple(given["source"])
+    preset = given.get("preset", "auto")
+    if preset == "auto":
+        preset = "paper" if given.get("device", "cuda" if torch.cuda.is_available() else "cpu") == "cuda" else "small"
+    if preset not in PRESETS:
+        raise ConfigError(f"--preset must be auto or one of {', '.join(PRESETS)}")
+    cfg = dataclasses.replace(Config(), **{**PRESETS[preset], **given, "preset": preset})
+    cfg = resolve(cfg, command)
+    validate(cfg)
+    return command, cfg, extra
+
+
+# =============================================================================================
+# 2. Networks: the world model of Eq. (1) and the actor-critic of App. A.3
+# =============================================================================================
+
+def preprocess(image):
+    """uint8 pixels -> [-0.5, 0.5], the scale the decoder's Normal(mean, 1) is fitted on."""
+    return image.float() / 255.0 - 0.5
+
+
+class Encoder(nn.Module):
+    """Image encoding e_t = e_phi(o_t) (Eq. 1): four 4x4 stride-2 convolutions, 64 -> 31 -> 14 -> 6 -> 2."""
+
+    def __init__(self, depth):
+        super().__init__()
+        layers, channels = [], 3
+        for i in range(4):
+            layers += [nn.Conv2d(channels, depth * 2 ** i, 4, 2), nn.ELU()]
+            channels = depth * 2 ** i
+        self.net = nn.Sequential(*layers)
+        self.out_dim = 32 * depth
+
+    def forward(self, image):  # (..., 64, 64, 3) uint8 -> (..., 32 * depth)
+        lead = image.shape[:-3]
+        x = preprocess(image.reshape(-1, *image.shape[-3:])).permute(0, 3, 1, 2)
+        x = x.contiguous(memory_format=torch.channels_last)
+        return self.net(x).reshape(*lead, self.out_dim)
+
+
+class Decoder(nn.Module):
+    """Reconstruction o_t ~ p_phi(o_t | h_t, z_t) (Eq. 1): dense, then transposed convs 1 -> 5 -> 13 -> 30 -> 64."""
+
+    def __init__(self, feat_dim, depth):
+        super().__init__()
+        self.depth = depth
+        self.fc = nn.Linear(feat_dim, 32 * depth)
+        self.net = nn.Sequential(
+            nn.ConvTranspose2d(32 * depth, 4 * depth, 5, 2), nn.ELU(),
+            nn.ConvTranspose2d(4 * depth, 2 * depth, 5, 2), nn.ELU(),
+            nn.ConvTranspose2d(2 * depth, depth, 6, 2), nn.ELU(),
+            nn.ConvTranspose2d(depth, 3, 6, 2))
+
+    def forward(self, feat):  # (..., F) -> image mean (..., 64, 64, 3)
+        lead = feat.shape[:-1]
+        x = self.fc(feat).reshape(-1, 32 * self.depth, 1, 1)
+        x = self.net(x.contiguous(memory_format=torch.channels_last))
+        return x.permute(0, 2, 3, 1).reshape(*lead, 64, 64, 3)
+
+
+def mlp(inp, out, units, layers):
+    """The ELU MLP used for the reward, discount, actor and critic heads."""
+    parts, size = [], inp
+    for _ in range(layers):
+        parts += [nn.Linear(size, units), nn.ELU()]
+        size = units
+    return nn.Sequential(*parts, nn.Linear(size, out))
+
+
+class GRUCell(nn.Module):
+    """DreamerV2's GRU: one dense layer on [x, h], LayerNorm of the pre-activations, update gate biased by -1."""
+
+    def __init__(self, inp, size):
+        super().__init__()
+        self.layer = nn.Linear(inp + size, 3 * size, bias=False)
+        self.norm = nn.LayerNorm(3 * size, eps=1e-3)
+
+    def forward(self, x, h):
+        reset, cand, update = self.norm(self.layer(torch.cat([x, h], -1))).chunk(3, -1)
+        reset = torch.sigmoid(reset)
+        cand = torch.tanh(reset * cand)
+        update = torch.sigmoid(update - 1)
+        return update * cand + (1 - update) * h
+
+
+def straight_through_sample(logits):
+    """One-hot sample of each categorical latent with straight-through gradients: sample + p - sg(p)."""
+    logits = logits.float()
+    probs = logits.softmax(-1)
+    # Gumbel-max via exponential noise: argmax(log p - log E) ~ Categorical(p), with no host sync.
+    index = (logits - torch.empty_like(logits).exponential_().log()).argmax(-1)
+    sample = F.one_hot(index, logits.shape[-1]).to(probs.dtype)
+    return sample + probs - probs.detach()
+
+
+class RSSM(nn.Module):
+    """Recurrent state-space model of Eq. (1).
+
+    h_t = f(h_{t-1}, z_{t-1}, a_{t-1})      recurrent transition (GRU)
+    z_t ~ q(z_t | h_t, e_t)                 posterior, 32 categoricals x 32 classes
+    z_t ~ p(z_t | h_t)                      prior (an ensemble of priors for the offline-dv2 baseline)
+    States are (h, z) with z flattened to (..., stoch * classes); features are [z, h].
+    """
+
+    def __init__(self, action_size, embed_dim, stoch, classes, deter, hidden, ensemble=1):
+        super().__init__()
+        self.stoch, self.classes, self.deter = stoch, classes, deter
+        self.img_in = nn.Sequential(nn.Linear(stoch * classes + action_size, hidden), nn.ELU())
+        self.gru = GRUCell(hidden, deter)
+        self.priors = nn.ModuleList(
+            nn.Sequential(nn.Linear(deter, hidden), nn.ELU(), nn.Linear(hidden, stoch * classes))
+            for _ in range(ensemble))
+        self.posterior = nn.Sequential(nn.Linear(deter + embed_dim, hidden), nn.ELU(),
+                                       nn.Linear(hidden, stoch * classes))
+
+    def initial(self, batch, device):
+        return (torch.zeros(batch, self.deter, device=device),
+                torch.zeros(batch, self.stoch * self.classes, device=device))
+
+    def prior_logits(self, h):  # (..., deter) -> (E, ..., stoch, classes)
+        return torch.stack([p(h) for p in self.priors]).unflatten(-1, (self.stoch, self.classes))
+
+    def transition(self, h, z, action):
+        """h_t = f(h_{t-1}, z_{t-1}, a_{t-1})."""
+        return self.gru(self.img_in(torch.cat([z, action], -1)), h)
+
+    def obs_step(self, h, z, action, embed, is_first):
+        """One filtering step: reset where an episode starts, transition, then the posterior q(z_t | h_t, e_t)."""
+        keep = (~is_first).to(h.dtype).unsqueeze(-1)
+        h = self.transition(h * keep, z * keep, action * keep)
+        logits = self.posterior(torch.cat([h, embed], -1)).unflatten(-1, (self.stoch, self.classes))
+        return h, straight_through_sample(logits).flatten(-2), logits
+
+    def img_step(self, h, z, action):
+        """One imagination step under the prior; with an ensemble a random member draws z (Lu et al. 2023)."""
+        h = self.transition(h, z, action)
+        logits = self.prior_logits(h)
+        member = torch.randint(len(self.priors), ()) if len(self.priors) > 1 else 0
+        return h, straight_through_sample(logits[member]).flatten(-2)
+
+    def observe(self, embed, action, is_first, state=None):
+        """Filter a batch of sequences: (B, T, E), (B, T, A), (B, T) -> h (B, T, D), z (B, T, S*C), logits."""
+        B, T = is_first.shape
+        h, z = state if state is not None else self.initial(B, embed.device)
+        hs, zs, post = [], [], []
+        for t in range(T):
+            h, z, logits = self.obs_step(h, z, action[:, t], embed[:, t], is_first[:, t])
+            hs.append(h), zs.append(z), post.append(logits)
+        h, z, post = torch.stack(hs, 1), torch.stack(zs, 1), torch.stack(post, 1)
+        return h, z, post, self.prior_logits(h)  # prior: (E, B, T, S, C), batched after the loop
+
+
+class TruncatedNormal:
+    """Normal(loc, scale) truncated to [-1, 1]: sample, log_prob and entropy of the truncated law.
+
+    The authors' 'truncated normal' was an untruncated Normal (its rsample skipped the override).
+    Sampling inverts the CDF, so samples stay in range and carry reparameterised gradients.
+    """
+
+    low, high = -1.0, 1.0
+
+    def __init__(self, loc, scale):
+        self.loc, self.scale = loc.float(), scale.float()
+        self.a = (self.low - self.loc) / self.scale
+        self.b = (self.high - self.loc) / self.scale
+        self.cdf_a, self.cdf_b = torch.special.ndtr(self.a), torch.special.ndtr(self.b)
+        self.Z = (self.cdf_b - self.cdf_a).clamp_min(1e-6)
+
+    def rsample(self):
+        u = torch.rand_like(self.loc)
+        p = (self.cdf_a + u * self.Z).clamp(1e-6, 1 - 1e-6)
+        x = self.loc + self.scale * torch.special.ndtri(p)
+        return x.clamp(self.low, self.high)
+
+    def log_prob(self, x):  # summed over action dimensions
+        log_pdf = -0.5 * ((x - self.loc) / self.scale) ** 2 - 0.5 * math.log(2 * math.pi)
+        return (log_pdf - self.scale.log() - self.Z.log()).sum(-1)
+
+    def entropy(self):
+        phi = lambda x: torch.exp(-0.5 * x ** 2) / math.sqrt(2 * math.pi)
+        ent = (0.5 * math.log(2 * math.pi * math.e) + self.scale.log() + self.Z.log()
+               + (self.a * phi(self.a) - self.b * phi(self.b)) / (2 * self.Z))
+        return ent.sum(-1)
+
+    def mode(self):
+        return self.loc.clamp(self.low, self.high)
+
+
+class Actor(nn.Module):
+    """pi_psi(a_t | z_t) (App. A.3): mean tanh(x), std 2 * sigmoid(s / 2) + 0.1, truncated to [-1, 1]."""
+
+    def __init__(self, feat_dim, action_size, units, layers):
+        super().__init__()
+        self.net = mlp(feat_dim, 2 * action_size, units, layers)
+
+    def forward(self, feat):
+        mean, std = self.net(feat).float().chunk(2, -1)
+        return TruncatedNormal(torch.tanh(mean), 2 * torch.sigmoid(std / 2) + 0.1)
+
+
+class WorldModel(nn.Module):
+    """M_phi of Eq. (1): encoder, RSSM, decoder, reward predictor and discount predictor."""
+
+    def __init__(self, cfg, action_size, ensemble=1):
+        super().__init__()
+        self.encoder = Encoder(cfg.cnn_depth)
+        self.rssm = RSSM(action_size, self.encoder.out_dim, cfg.stoch, cfg.classes, cfg.deter, cfg.hidden, ensemble)
+        self.feat_dim = cfg.stoch * cfg.classes + cfg.deter
+        self.decoder = Decoder(self.feat_dim, cfg.cnn_depth)
+        self.reward = mlp(self.feat_dim, 1, cfg.mlp_units, cfg.mlp_layers)
+        self.discount = mlp(self.feat_dim, 1, cfg.mlp_units, cfg.mlp_layers)
+
+    def observe(self, batch, embed=None):
+        """Encode and filter a batch: features [z, h] (B, T, F), the posterior and prior logits, the embedding."""
+        embed = self.encoder(batch["image"]) if embed is None else embed
+        h, z, post, prior = self.rssm.observe(embed, batch["action"], batch["is_first"])
+        return torch.cat([z, h], -1), (h, z), post, prior, embed
+
+
+# =============================================================================================
+# 3. World-model learning (Eq. 2) and Stage A: offline-to-online state alignment (Eq. 3)
+# =============================================================================================
+
+def gaussian_nll(mean, target):
+    """-ln Normal(target; mean, 1), elementwise."""
+    return 0.5 * (target - mean.float()) ** 2 + 0.5 * math.log(2 * math.pi)
+
+
+def image_nll(mean, image):
+    """-ln p(o | h, z) for a Normal(mean, 1) over every pixel, summed over pixels and averaged over frames."""
+    target = preprocess(image)
+    frames = target[..., 0, 0, 0].numel()
+    return (0.5 * F.mse_loss(mean.float(), target, reduction="sum") / frames
+            + 0.5 * math.log(2 * math.pi) * target[0, 0].numel())
+
+
+def categorical_kl(p_logits, q_logits):
+    """KL[p || q] of the categorical latents, summed over the latents: (..., S, C) -> (...)."""
+    p_log = p_logits.float().log_softmax(-1)
+    return (p_log.exp() * (p_log - q_logits.float().log_softmax(-1))).sum((-2, -1))
+
+
+def kl_loss(post, prior, balance, free):
+    """KL term of Eq. (2) with DreamerV2's balancing and free nats.
+
+    balance * max(KL[sg(q) || p], free) + (1 - balance) * max(KL[q || sg(p)], free): the first side trains
+    the prior toward the posterior, the second regularises the posterior; free nats apply to each batch
+    mean. With a prior ensemble (offline-dv2) each member is trained and the KLs are averaged.
+    """
+    prior_side = categorical_kl(post.detach(), prior).mean()
+    post_side = categorical_kl(post, prior.detach()).mean()
+    loss = balance * prior_side.clamp_min(free) + (1 - balance) * post_side.clamp_min(free)
+    return loss, prior_side.detach()
+
+
+def world_model_loss(wm, batch, cfg, reward_weight=1.0):
+    """Eq. (2): -ln p(o|h,z) - ln r(r|h,z) - ln p(gamma|h,z) + beta1 KL[q || p], averaged over (B, T).
+
+    reward_weight is eta for the source model: the first term of Eq. (5) replaces the reward term.
+    Returns the loss, its terms, the posterior states (h, z) and the embedding e(o).
+    """
+    feat, state, post, prior, embed = wm.observe(batch)
+    terms = {
+        "image_nll": image_nll(wm.decoder(feat), batch["image"]),
+        "reward_nll": gaussian_nll(wm.reward(feat).squeeze(-1), batch["reward"]).mean(),
+        "discount_nll": F.binary_cross_entropy_with_logits(
+            wm.discount(feat).squeeze(-1).float(), cfg.gamma * (1.0 - batch["is_terminal"].float())),
+    }
+    terms["kl_loss"], terms["kl"] = kl_loss(post.unsqueeze(0), prior, cfg.kl_balance, cfg.free_nats)
+    loss = (terms["image_nll"] + reward_weight * terms["reward_nll"] + terms["discount_nll"]
+            + cfg.beta1 * terms["kl_loss"])
+    return loss, {k: v.detach() for k, v in terms.items()}, state, embed
+
+
+def state_alignment(e_source, e_target):
+    """Eq. (3), domain alignment term: KL[sg(g(e_phi'(o))) || g(e_phi(o))] per frame, g = softmax.
+
+    (..., E) -> (...). Only the target encoder gets gradient; callers take the mean over frames, so
+    the scale does not grow with the sequence length (the authors' 'batchmean' did).
+    """
+    log_p = e_source.detach().float().log_softmax(-1)
+    log_q = e_target.float().log_softmax(-1)
+    return (log_p.exp() * (log_p - log_q)).sum(-1)
+
+
+# =============================================================================================
+# 4. Stage B: online-to-offline reward alignment (Eq. 4, 5)
+# =============================================================================================
+
+def relabel_reward(r_source, r_target, k):
+    """Eq. (4): r~ = (1 - k) * sg(r_phi'(h~, z~)) + k * r^(T)."""
+    return (1 - k) * r_source.detach() + k * r_target
+
+
+def eta_schedule(step, total, start=1.0, end=0.1):
+    """Eq. (5)'s eta: linear from `start` to `end` over the online stages (the authors' never moved)."""
+    progress = min(max(step / total, 0.0), 1.0) if total > 0 else 1.0
+    return start + (end - start) * progress
+
+
+def reward_alignment_loss(source_nll, relabelled_nll, eta):
+    """Eq. (5): eta * E_B(S)[-ln r(r^(S))] + (1 - eta) * E_B(T)[-ln r(r~^(S))]."""
+    return eta * source_nll + (1 - eta) * relabelled_nll
+
+
+# =============================================================================================
+# 5. Behaviour learning: imagination, lambda-return (Eq. 8), critic (Eq. 6, 11), actor (Eq. 7, 10)
+# =============================================================================================
+
+def imagine(wm, actor, h, z, horizon):
+    """Roll the prior forward H steps from every start state under pi (Alg. 1 lines 10 and 23).
+
+    Returns features (H+1, N, F), h (H+1, N, D), and per step the action log-prob and entropy (H, N).
+    Actions keep their reparameterised gradient (dynamics backprop); the actor sees sg(features).
+    """
+    feats, hs, log_probs, entropies = [torch.cat([z, h], -1)], [h], [], []
+    for _ in range(horizon):
+        dist = actor(feats[-1].detach())
+        action = dist.rsample()
+        log_probs.append(dist.log_prob(action.detach()))
+        entropies.append(dist.entropy())
+        h, z = wm.rssm.img_step(h, z, action.to(h.dtype))
+        feats.append(torch.cat([z, h], -1))
+        hs.append(h)
+    return torch.stack(feats), torch.stack(hs), torch.stack(log_probs), torch.stack(entropies)
+
+
+def ensemble_disagreement(rssm, h):
+    """Offline-dv2's uncertainty: mean distance of the prior members' means from their average. (..., D) -> (...)."""
+    probs = rssm.prior_logits(h).float().softmax(-1).flatten(-2)  # (E, ..., S*C)
+    return (probs - probs.mean(0)).norm(dim=-1).mean(0)
+
+
+def lambda_return(reward, value, discount, lambda_):
+    """Eq. (8): V_t = r_t + gamma_t [(1 - lambda) v(z_{t+1}) + lambda V_{t+1}], bootstrapped with V_H = v(z_H).
+
+    reward, discount: (H, N) for states 0..H-1; value: (H+1, N) for states 0..H. Returns V: (H, N),
+    in time order (the authors' scan returned it reversed).
+    """
+    returns, next_return = [], value[-1]
+    for t in reversed(range(reward.shape[0])):
+        next_return = reward[t] + discount[t] * ((1 - lambda_) * value[t + 1] + lambda_ * next_return)
+        returns.append(next_return)
+    return torch.stack(returns[::-1])
+
+
+def value_constraint(v, v_source, alpha, kind="max"):
+    """Eq. (6), min-max value constraint: alpha * max(v_xi(z), sg(v_xi'(z))).
+
+    kind="linear" is Section 4.5's "w/o Max" variant (alpha * v); kind="none" gives Eq. (11).
+    """
+    if kind == "max":
+        return alpha * torch.maximum(v, v_source.detach())
+    if kind == "linear":
+        return alpha * v
+    return torch.zeros_like(v)
+
+
+def critic_loss(v, V, weight, v_source=None, alpha=0.0, kind="max"):
+    """Eq. (6) / Eq. (11): E[sum_t w_t (1/2 (v(z_t) - sg(V_t))^2 + value constraint)], over (H, N)."""
+    loss = 0.5 * (v - V.detach()) ** 2
+    if v_source is not None:
+        loss = loss + value_constraint(v, v_source, alpha, kind)
+    return (weight.detach() * loss).mean()
+
+
+def actor_loss(V, baseline, log_prob, entropy, weight, rho, beta):
+    """Eq. (7) / Eq. (10): -E[sum_t w_t (beta H[pi(.|z_t)] + rho V + (1 - rho) ln pi(a_t|z_t) sg(V - v(z_t)))].
+
+    The action at state t leads to state t+1, so it is scored by V_{t+1} (DreamerV2's indexing):
+    V (H, N); baseline, weight (H+1, N); log_prob, entropy (H, N). Uses states 0..H-2.
+    """
+    target = V[1:]
+    advantage = (target - baseline[:-2]).detach()
+    objective = rho * target + (1 - rho) * log_prob[:-1] * advantage + beta * entropy[:-1]
+    return -(weight[:-2].detach() * objective).mean()
+
+
+def behaviour_losses(agent, h, z, is_terminal, cfg, source_critics=None, omega=None, alpha=0.0):
+    """Alg. 1 lines 10-12 (target) / 23 (source): imagine from every posterior state, then Eq. (8), (6), (7).
+
+    source_critics with one-hot weights omega give v_xi'(z^(T)) for the value constraint (Eq. 6, 12).
+    """
+    wm = agent.wm
+    h, z = h.detach().flatten(0, 1), z.detach().flatten(0, 1)  # every posterior state starts a rollout
+    feat, hs, log_prob, entropy = imagine(wm, agent.actor, h, z, cfg.horizon)
+    reward = wm.reward(feat).squeeze(-1).float()  # (H+1, N)
+    if len(wm.rssm.priors) > 1:  # offline-dv2: reward minus lambda * ensemble disagreement
+        reward = reward - cfg.penalty * ensemble_disagreement(wm.rssm, hs)
+    discount = torch.sigmoid(wm.discount(feat).squeeze(-1).float())
+    discount = torch.cat([cfg.gamma * (1.0 - is_terminal.flatten().float())[None], discount[1:]])
+    weight = torch.cumprod(torch.cat([torch.ones_like(discount[:1]), discount[:-1]]), 0)  # (H+1, N)
+    slow_value = agent.slow_critic(feat).squeeze(-1).float()
+    V = lambda_return(reward[:-1], slow_value, discount[:-1], cfg.lambda_)  # (H, N)
+    losses = {"actor": actor_loss(V, slow_value, log_prob, entropy, weight, cfg.rho, cfg.beta)}
+    v = agent.critic(feat[:-1].detach()).squeeze(-1).float()
+    v_source = None
+    if source_critics:
+        with torch.no_grad():
+            values = torch.stack([c(feat[:-1].detach()).squeeze(-1).float() for c in source_critics])
+            v_source = torch.einsum("i,i...->...", omega, values)
+    losses["critic"] = critic_loss(v, V, weight[:-1], v_source, alpha, cfg.value_constraint)
+    metrics = {"imag_reward": reward.mean().detach(), "imag_value": v.mean().detach(), "lambda_return": V.mean().detach(),
+               "actor_entropy": entropy.mean().detach()}
+    if v_source is not None:
+        metrics["source_value"] = v_source.mean()
+        metrics["constraint_active"] = (v.detach() > v_source).float().mean()
+    return losses, metrics
+
+
+# =============================================================================================
+# 6. Multi-source selection (Appendix C, Eq. 12)
+# =============================================================================================
+
+def select_source(e_sources, e_target):
+    """App. C: one-hot weights omega on the source whose encoder, fed the target observations, is closest
+    in KL to the target encoder: omega_i = 1 for argmin_i mean KL[sg(g(e_phi'_i(o^T))) || g(e_phi(o^T))].
+
+    e_sources: (N, ..., E); e_target: (..., E). Returns omega (N,) and the per-source alignment KLs (N,).
+    """
+    kls = torch.stack([state_alignment(e, e_target).mean() for e in e_sources])
+    omega = F.one_hot(kls.detach().argmin(), len(kls)).to(kls.dtype)
+    return omega, kls
+
+
+# =============================================================================================
+# 7. The agent: optimisation, update steps, acting, evaluation, checkpoints
+# =============================================================================================
+
+class Agent(nn.Module):
+    """One DreamerV2 agent {phi, psi, xi} with its three Adam optimisers and a slow target critic."""
+
+    def __init__(self, cfg, action_size, ensemble=1):
+        super().__init__()
+        self.cfg, self.action_size = cfg, action_size
+        self.wm = WorldModel(cfg, action_size, ensemble).to(memory_format=torch.channels_last)
+        self.actor = Actor(self.wm.feat_dim, action_size, cfg.mlp_units, cfg.mlp_layers)
+        self.critic = mlp(self.wm.feat_dim, 1, cfg.mlp_units, cfg.mlp_layers)
+        self.slow_critic = copy.deepcopy(self.critic).requires_grad_(False)
+        self.updates = 0
+        self.bad_updates = 0
+        self.pending = {}
+
+    def build_optimisers(self):
+        cfg = self.cfg
+        adam = lambda module, lr: torch.optim.Adam(module.parameters(), lr=lr, eps=cfg.adam_eps)
+        self.opts = {"model": adam(self.wm, cfg.model_lr), "actor": adam(self.actor, cfg.actor_lr),
+                     "critic": adam(self.critic, cfg.critic_lr)}
+        self.params = {"model": list(self.wm.parameters()), "actor": list(self.actor.parameters()),
+                       "critic": list(self.critic.parameters())}
+        return self
+
+    def backward(self, name, loss):
+        """Gradient of one loss ("model", "actor" or "critic") into its own parameters only, clipped at the
+        global norm. Called as soon as each loss exists, so its graph is freed before the next is built."""
+        self.opts[name].zero_grad(set_to_none=True)
+        loss.backward(inputs=self.params[name])
+        self.pending[name] = (loss.detach(), torch.nn.utils.clip_grad_norm_(self.params[name], self.cfg.grad_clip))
+
+    def step(self):
+        """Step the optimisers that got gradients, or none when any loss or gradient is not finite.
+        This check is the update's one host synchronisation."""
+        pending, self.pending = self.pending, {}
+        finite = bool(torch.stack([x.float() for pair in pending.values() for x in pair]).isfinite().all())
+        norms = {f"{name}_grad_norm": norm for name, (_, norm) in pending.items()}
+        if not finite:
+            self.bad_updates += 1
+            return norms, False
+        for name in pending:
+            self.opts[name].step()
+        self.bad_updates = 0
+        if self.updates % self.cfg.slow_critic_every == 0:
+            self.slow_critic.load_state_dict(self.critic.state_dict())
+        self.updates += 1
+        return norms, True
+
+    @torch.no_grad()
+    def act(self, obs, state, explore):
+        """One step of the policy on a single observation; state carries (h, z, a_{t-1}) between steps."""
+        device = next(self.parameters()).device
+        image = torch.as_tensor(obs["image"], device=device)[None]
+        if state is None:
+            h, z = self.wm.rssm.initial(1, device)
+            state = (h, z, torch.zeros(1, self.action_size, device=device))
+        h, z, prev_action = state
+        is_first = torch.tensor([bool(obs["is_first"])], device=device)
+        h, z, _ = self.wm.rssm.obs_step(h, z, prev_action, self.wm.encoder(image), is_first)
+        dist = self.actor(torch.cat([z, h], -1))
+        action = dist.rsample() if explore else dist.mode()
+        return action[0].cpu().numpy(), (h, z, action), self.critic(torch.cat([z, h], -1))[0, 0].item()
+
+    def state(self):
+        return {"model": self.state_dict(), "opts": {k: o.state_dict() for k, o in self.opts.items()},
+                "updates": self.updates}
+
+    def load(self, state):
+        self.load_state_dict(state["model"])
+        for name, opt in self.opts.items():
+            opt.load_state_dict(state["opts"][name])
+        self.updates = state["updates"]
+
+
+def autocast(cfg):
+    return torch.autocast(device_type=cfg.device, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+
+
+def target_update(target, batch, cfg, sources=()):
+    """Alg. 1 lines 7-13 (offline domain). Without sources this is a plain DreamerV2 update.
+
+    Line 8: the target world model with Eq. (3) (Stage A, source chosen by Eq. 12);
+    lines 10-12: imagination, critic with Eq. (6) (Stage C), actor with Eq. (7).
+    """
+    with autocast(cfg):
+        wm_loss, metrics, (h, z), embed = world_model_loss(target.wm, batch, cfg)
+        omega, critics = None, None
+        if sources:
+            with torch.no_grad():  # the source encoders see the same target observations
+                e_sources = torch.stack([s.wm.encoder(batch["image"]) for s in sources])
+            omega, kls = select_source(e_sources, embed)  # App. C
+            metrics["domain_kl"] = (omega * kls).sum().detach()
+            if cfg.state_alignment:  # Eq. (3) / Eq. (12)
+                wm_loss = wm_loss + cfg.beta2 * (omega * kls).sum()
+            if cfg.value_constraint != "none":
+                critics = [s.critic for s in sources]
+    target.backward("model", wm_loss)
+    metrics.update(learn_behaviour(target, h, z, batch["is_terminal"], cfg, critics, omega))
+    norms, ok = target.step()
+    metrics.update(norms, model_loss=wm_loss.detach())
+    if omega is not None:
+        metrics["omega"] = omega.detach()
+    return metrics, ok
+
+
+def source_update(source, batch, cfg, target_batch=None, eta=1.0):
+    """Alg. 1 lines 16-23 (online domain): the source world model with Eq. (2) + Eq. (5), then behaviour.
+
+    Line 20, Eq. (4): the source model filters the target sequence (target images, target actions in the
+    shared action space) to latents (h~, z~) and relabels r~ = (1-k) sg(r_phi'(h~, z~)) + k r^(T). The
+    filtering is gradient-free: Eq. (5) trains the source reward predictor on those latents.
+    """
+    with autocast(cfg):
+        wm_loss, metrics, (h, z), _ = world_model_loss(source.wm, batch, cfg, reward_weight=eta)
+        if target_batch is not None:
+            with torch.no_grad():
+                feat_T = source.wm.observe(target_batch)[0]
+            r_pred = source.wm.reward(feat_T).squeeze(-1)
+            r_tilde = relabel_reward(r_pred, target_batch["reward"], cfg.k)  # Eq. (4)
+            relabelled_nll = gaussian_nll(r_pred, r_tilde.float()).mean()
+            wm_loss = wm_loss + (1 - eta) * relabelled_nll  # Eq. (5), second term
+            metrics.update(relabelled_nll=relabelled_nll.detach(), relabelled_reward=r_tilde.mean().detach())
+    source.backward("model", wm_loss)
+    metrics.update(learn_behaviour(source, h, z, batch["is_terminal"], cfg))
+    norms, ok = source.step()
+    metrics.update(norms, model_loss=wm_loss.detach(), eta=torch.tensor(eta))
+    return metrics, ok
+
+
+def learn_behaviour(agent, h, z, is_terminal, cfg, source_critics=None, omega=None):
+    """Behaviour losses from the posterior states, each backpropagated at once into its own network."""
+    with autocast(cfg):
+        losses, metrics = behaviour_losses(agent, h, z, is_terminal, cfg, source_critics, omega, cfg.alpha)
+    for name, loss in losses.items():
+        agent.backward(name, loss)
+        metrics[f"{name}_loss"] = loss.detach()
+    return metrics
+
+
+def pad_action(action, size):
+    """The shared action space (the larger size of both domains, App. D): pad with zeros at the end."""
+    extra = size - action.shape[-1]
+    return action if extra == 0 else np.concatenate(
+        [action, np.zeros((*action.shape[:-1], extra), action.dtype)], -1)
+
+
+def to_torch(batch, action_size, device):
+    """A replay batch (numpy, (B, T, ...)) on the device; images stay uint8 until the encoder."""
+    out = {key: torch.as_tensor(batch[key], device=device) for key in ("image", "reward", "is_first", "is_terminal")}
+    out["action"] = torch.as_tensor(pad_action(batch["action"], action_size), device=device).float()
+    out["reward"] = out["reward"].float()
+    return out
+
+
+class Collector:
+    """Steps one environment with a policy and writes each finished episode to a replay folder
+    (Alg. 1 line 3 and line 24). A killed run drops the episode in progress; saved ones are kept."""
+
+    def __init__(self, env, replay, action_size):
+        self.env, self.replay, self.action_size = env, replay, action_size
+        self.obs = None
+
+    def step(self, agent, explore=True, random_policy=False, rng=None):
+        if self.obs is None:
+            self.obs, self.policy_state = self.env.reset(), None
+            self.episode = [(self.obs, np.zeros(self.env.action_size, np.float32))]
+        if random_policy:
+            action = rng.uniform(-1, 1, self.action_size).astype(np.float32)
+        else:
+            action, self.policy_state, _ = agent.act(self.obs, self.policy_state, explore)
+        env_action = action[: self.env.action_size]  # the smaller environment uses the first dimensions
+        self.obs = self.env.step(env_action)
+        self.episode.append((self.obs, env_action.astype(np.float32)))
+        if not self.obs["is_last"]:
+            return None
+        episode = envs.episode_from_steps(self.episode)
+        self.replay.add(episode)
+        self.obs = None
+        return {"return": float(episode["reward"].sum()), "length": len(episode["reward"]) - 1,
+                **({"success": float(episode["success"].any())} if "success" in episode else {})}
+
+
+def evaluate(agent, env_name, cfg, episodes, video_path=None, random_policy=False, seed_offset=10_000):
+    """Deterministic episodes (the policy's mode) in the real simulator: mean/std return, success rate,
+    and Figure 5(b)'s comparison of the critic's value estimates with the discounted return achieved."""
+    env = envs.make_env(env_name, seed=cfg.seed + seed_offset, render=cfg.render, max_steps=cfg.max_episode_steps)
+    rng = np.random.default_rng(cfg.seed + seed_offset)
+    returns, successes, start_values, start_returns, frames = [], [], [], [], []
+    try:
+        for episode in range(episodes):
+            obs, state, rewards, values, success = env.reset(), None, [], [], False
+            while True:
+                if episode == 0 and video_path:
+                    frames.append(obs["image"])
+                if random_policy:
+                    action = rng.uniform(-1, 1, agent.action_size).astype(np.float32)
+                else:
+                    action, state, value = agent.act(obs, state, explore=False)
+                    values.append(value)
+                obs = env.step(action[: env.action_size])
+                rewards.append(obs["reward"])
+                success = success or bool(obs.get("success", False))
+                if obs["is_last"]:
+                    break
+            returns.append(float(np.sum(rewards)))
+            successes.append(float(success))
+            if values:
+                start_values.append(values[0])
+                start_returns.append(float(np.sum(np.asarray(rewards) * cfg.gamma ** np.arange(len(rewards)))))
+    finally:
+        env.close()
+    if frames:
+        write_video(video_path, frames)
+    result = {"return_mean": float(np.mean(returns)), "return_std": float(np.std(returns)),
+              "success_rate": float(np.mean(successes)) if env.has_success else None,
+              "returns": returns, "episodes": episodes}
+    if start_values:
+        result.update(value_estimate=float(np.mean(start_values)), true_value=float(np.mean(start_returns)))
+    return result
+
+
+def write_video(path, frames):
+    import imageio
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        imageio.mimsave(path, frames, fps=20, macro_block_size=1)
+    except Exception:  # no ffmpeg backend: fall back to a gif
+        imageio.mimsave(path.with_suffix(".gif"), frames, duration=50)
+
+
+def atomic_torch_save(obj, path):
+    """Write to a temporary file in the same folder and rename: a killed run never leaves half a checkpoint."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+# =============================================================================================
+# 8. The training loop: Algorithm 1
+# =============================================================================================
+
+class Logger:
+    """Metrics to metrics.jsonl (one JSON object per line, easy to plot) and to TensorBoard."""
+
+    def __init__(self, logdir):
+        self.path = Path(logdir) / "metrics.jsonl"
+        from torch.utils.tensorboard import SummaryWriter
+        self.writer = SummaryWriter(str(Path(logdir) / "tb"))
+
+    def write(self, step, prefix, metrics):
+        scalars = {}
+        for key, value in metrics.items():
+            value = value.detach().float().cpu().numpy() if torch.is_tensor(value) else np.asarray(value, float)
+            if value.ndim == 0:
+                scalars[f"{prefix}/{key}"] = float(value)
+            else:
+                scalars.update({f"{prefix}/{key}_{i}": float(v) for i, v in enumerate(value.ravel())})
+        for key, value in scalars.items():
+            self.writer.add_scalar(key, value, step)
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, "time": time.time(), **scalars}) + "\n")
+        return scalars
+
+    def close(self):
+        self.writer.close()
+
+
+def progress_bar(total, initial, desc):
+    from tqdm import tqdm
+    return tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, mininterval=1.0,
+                disable=None if sys.stderr.isatty() else False)
+
+
+def summary(metrics, keys=("model_loss", "actor_loss", "critic_loss", "domain_kl", "eta")):
+    return {k: f"{float(metrics[k]):.3g}" for k in keys if k in metrics}
+
+
+class Run:
+    """Everything a command trains, with the counters a checkpoint restores.
+
+    The run is a fixed plan of phases (Alg. 1: pretrain each source, then rounds of an offline target
+    phase and online source phases, then evaluation); the checkpoint records the phase and the step
+    within it, so the same command started again continues where the last checkpoint was written.
+    """
+
+    def __init__(self, cfg, command="train"):
+        self.cfg, self.command = cfg, command
+        self.logdir = Path(cfg.logdir)
+        self.logdir.mkdir(parents=True, exist_ok=True)
+        self.device = torch.device(cfg.device)
+        torch.manual_seed(cfg.seed), np.random.seed(cfg.seed), random.seed(cfg.seed)
+        self.rng = np.random.default_rng(cfg.seed)
+        self.source_names = list(cfg.source)
+        self.action_size = max(envs.action_size(n) for n in (*self.source_names, *self.target_names()))
+        ensemble = cfg.ensemble if cfg.method == "offline-dv2" else 1
+        self.sources = [Agent(cfg, self.action_size).to(self.device).build_optimisers()
+                        for _ in self.uses_sources()]
+        self.target = (Agent(cfg, self.action_size, ensemble).to(self.device).build_optimisers()
+                       if command != "online" else None)
+        self.source_replays = [envs.Replay(self.logdir / "replay" / n.replace(":", "-"), cfg.replay_capacity)
+                               for n in self.uses_sources()]
+        self.progress = {"phase": 0, "step": 0, "env_steps": [0] * len(self.sources),
+                         "online_steps": [0] * len(self.sources), "episodes": [[] for _ in self.sources],
+                         "selected": [0] * len(self.sources)}
+        self.logger = Logger(self.logdir)
+        self.checkpoint_path = self.logdir / "checkpoint.pt"
+        self.collecting = None  # (source index, co-training?, collector) during an online phase
+        self.stop_requested = False
+        self.load()
+
+    def target_names(self):
+        return () if self.command == "online" else (self.cfg.target,)
+
+    def uses_sources(self):
+        return () if self.cfg.method == "offline-dv2" and self.command != "online" else self.source_names
+
+    def plan(self):
+        """The phases of Algorithm 1 for this run's method."""
+        cfg, phases = self.cfg, [("pretrain", i) for i in range(len(self.sources))]  # line 3
+        if self.command == "online":
+            return phases + [("evaluate", 0)]
+        if cfg.method == "dv2-finetune":
+            phases.append(("finetune-init", 0))
+        for r in range(cfg.rounds):  # line 4
+            phases.append(("offline", r))  # lines 5-13
+            if cfg.method == "coworld":
+                phases += [("online", i) for i in range(len(self.sources))]  # lines 15-25
+        return phases + [("evaluate", 0)]
+
+    # -- checkpoints -----------------------------------------------------------------------
+    def save(self):
+        """Atomic checkpoint. Counters exclude the episode in progress, which a resumed run collects anew."""
+        progress = copy.deepcopy(self.progress)
+        if self.collecting and self.collecting[2].obs is not None:
+            i, co_training, collector = self.collecting
+            lost = len(collector.episode) - 1
+            progress["step"] -= lost
+            progress["env_steps"][i] -= lost
+            progress["online_steps"][i] -= lost if co_training else 0
+        state = {"config": dataclasses.asdict(self.cfg), "progress": progress,
+                 "sources": [s.state() for s in self.sources],
+                 "target": self.target.state() if self.target else None,
+                 "rng": {"numpy": self.rng.bit_generator.state, "torch": torch.get_rng_state(),
+                         "python": random.getstate()}}
+        atomic_torch_save(state, self.checkpoint_path)
+
+    def load(self):
+        if not self.checkpoint_path.exists():
+            (self.logdir / "config.json").write_text(json.dumps(dataclasses.asdict(self.cfg), indent=2))
+            return
+        state = torch.load(self.checkpoint_path, map_location=self.device, weights_only=False)
+        check_same_config(state["config"], self.cfg, self.checkpoint_path)
+        for agent, agent_state in zip(self.sources, state["sources"]):
+            agent.load(agent_state)
+        if self.target:
+            self.target.load(state["target"])
+        self.progress = state["progress"]
+        self.rng.bit_generator.state = state["rng"]["numpy"]
+        torch.set_rng_state(state["rng"]["torch"])
+        random.setstate(state["rng"]["python"])
+        print(f"Resuming from {self.checkpoint_path}: phase {self.progress['phase'] + 1}/{len(self.plan())}, "
+              f"step {self.progress['step']}")
+
+    # -- phases ----------------------------------------------------------------------------
+    def request_stop(self, signum, frame):
+        self.stop_requested = True
+
+    def check_stop(self):
+        if self.stop_requested:
+            raise KeyboardInterrupt
+
+    def execute(self):
+        """Run the remaining phases. Ctrl-C (SIGINT) stops at the next safe point and writes a checkpoint."""
+        in_main_thread = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGINT, self.request_stop) if in_main_thread else None
+        try:
+            return self.execute_phases()
+        except KeyboardInterrupt:
+            if self.stop_requested:
+                self.save()
+                print(f"\ninterrupted: checkpoint written to {self.checkpoint_path}; run the same command to resume",
+                      file=sys.stderr)
+            raise
+        finally:
+            if in_main_thread:
+                signal.signal(signal.SIGINT, previous)
+
+    def execute_phases(self):
+        plan = self.plan()
+        if self.progress["phase"] >= len(plan) and (self.logdir / "results.json").exists():
+            print(f"{self.logdir} has finished already; its results:")
+            return json.loads((self.logdir / "results.json").read_text())
+        result = None
+        for index, (kind, arg) in enumerate(plan):
+            if index < self.progress["phase"]:
+                continue
+            label = f"[{index + 1}/{len(plan)}]"
+            if kind == "pretrain":
+                self.online_phase(arg, self.cfg.pretrain_steps, f"{label} pretrain source {self.source_names[arg]}",
+                                  co_training=False)
+            elif kind == "finetune-init":
+                self.target.load_state_dict(self.sources[0].state_dict())  # DV2 finetune: start from the source
+            elif kind == "offline":
+                self.offline_phase(f"{label} round {arg + 1}/{self.cfg.rounds} offline target")
+            elif kind == "online":
+                self.online_phase(arg, self.cfg.K2, f"{label} online source {self.source_names[arg]}", co_training=True)
+            elif kind == "evaluate":
+                result = self.final_evaluation()
+            self.progress.update(phase=index + 1, step=0)
+            self.save()
+        return result
+
+    def offline_phase(self, desc):
+        """Alg. 1 lines 5-13: K1 iterations of the target agent on the offline dataset B^(T)."""
+        cfg = self.cfg
+        bar = progress_bar(cfg.K1, self.progress["step"], desc)
+        while self.progress["step"] < cfg.K1:  # line 5
+            batch = self.sample(self.target_replay)  # line 6
+            sources = self.sources if self.cfg.method == "coworld" else ()
+            metrics, ok = target_update(self.target, batch, cfg, sources)  # lines 7-13
+            self.after_update(self.target, metrics, ok, "target", bar)
+            self.check_stop()
+        bar.close()
+
+    def online_phase(self, i, steps, desc, co_training):
+        """Alg. 1 lines 15-25 (co_training) or line 3: the source agent i acts online and learns.
+
+        Each step collects one environment step (line 24); every `train_every` steps one update samples
+        B^(S) (line 16) and, when co-training, B^(T) (line 19) for reward alignment (lines 20-21).
+        """
+        cfg, agent, replay = self.cfg, self.sources[i], self.source_replays[i]
+        name = self.source_names[i]
+        env = envs.make_env(name, seed=cfg.seed + 1000 * (i + 1) + len(self.progress["episodes"][i]),
+                            render=cfg.render, max_steps=cfg.max_episode_steps)
+        collector = Collector(env, replay, self.action_size)
+        self.collecting = (i, co_training, collector)
+        prefill = prefill_steps(cfg, name)
+        bar = progress_bar(steps, self.progress["step"], desc)
+        try:
+            while self.progress["step"] < steps:
+                random_policy = self.progress["env_steps"][i] < prefill
+                episode = collector.step(agent, explore=True, random_policy=random_policy, rng=self.rng)
+                self.progress["step"] += 1
+                self.progress["env_steps"][i] += 1
+                if co_training:
+                    self.progress["online_steps"][i] += 1
+                bar.update(1)
+                self.check_stop()
+                if episode is not None:
+                    self.end_of_episode(i, episode, bar)
+                    if self.reached_stop_return(i):
+                        break
+                if random_policy or self.progress["step"] % cfg.train_every or replay.num_steps < cfg.seq_len:
+                    continue
+                batch = self.sample(replay)  # line 16
+                if co_training and cfg.reward_alignment:
+                    eta = eta_schedule(self.progress["online_steps"][i], cfg.rounds * cfg.K2, cfg.eta_start, cfg.eta_end)
+                    metrics, ok = source_update(agent, batch, cfg, self.sample(self.target_replay), eta)  # lines 19-23
+                else:
+                    metrics, ok = source_update(agent, batch, cfg)
+                self.after_update(agent, metrics, ok, f"source{i}", bar, checkpoint=False)
+            self.collecting = None
+        finally:
+            env.close()
+            bar.close()
+
+    def end_of_episode(self, i, episode, bar):
+        self.progress["episodes"][i].append(episode["return"])
+        self.logger.write(self.progress["env_steps"][i], f"source{i}/episode", episode)
+        bar.set_postfix(ret=f"{episode['return']:.1f}", **summary(getattr(self, "last_metrics", {})))
+        agent = self.sources[i]
+        if agent.updates - getattr(self, "saved_at", 0) >= self.cfg.checkpoint_every:
+            self.saved_at = agent.updates
+            self.save()
+
+    def reached_stop_return(self, i):
+        recent = self.progress["episodes"][i][-5:]
+        return self.cfg.stop_return is not None and len(recent) == 5 and np.mean(recent) >= self.cfg.stop_return
+
+    def after_update(self, agent, metrics, ok, prefix, bar, checkpoint=True):
+        if not ok:
+            print(f"\nskipped update {agent.updates} of {prefix}: non-finite loss or gradient "
+                  f"({agent.bad_updates} in a row)", file=sys.stderr)
+            if agent.bad_updates >= 20:
+                raise FloatingPointError(f"{agent.bad_updates} non-finite updates in a row; the last good "
+                                         f"checkpoint is {self.checkpoint_path}")
+            return
+        if "omega" in metrics:
+            self.progress["selected"] = [a + int(b) for a, b in zip(self.progress["selected"], metrics.pop("omega").tolist())]
+        if prefix == "target":
+            self.progress["step"] += 1
+            bar.update(1)
+        if agent.updates % self.cfg.log_every == 0:
+            self.last_metrics = self.logger.write(agent.updates, prefix, metrics)
+            self.last_metrics = {k.split("/", 1)[1]: v for k, v in self.last_metrics.items()}
+            bar.set_postfix(summary(self.last_metrics))
+        if checkpoint and agent.updates % self.cfg.checkpoint_every == 0:
+            self.save()
+
+    def sample(self, replay):
+        batch = replay.sample(self.cfg.batch_size, self.cfg.seq_len, self.rng)
+        return to_torch(batch, self.action_size, self.device)
+
+    def final_evaluation(self):
+        """Evaluate the trained agent in its real environment; write results.json and a video."""
+        cfg = self.cfg
+        agent, env_name = (self.sources[0], self.source_names[0]) if self.command == "online" else (self.target, cfg.target)
+        result = {"env": env_name, "method": cfg.method if self.command != "online" else "dreamerv2-online",
+                  "preset": cfg.preset, "render": cfg.render, "device": cfg.device, "seed": cfg.seed,
+                  "eval": evaluate(agent, env_name, cfg, cfg.eval_episodes, self.logdir / "videos" / "eval.mp4")}
+        if cfg.eval_random:
+            result["random_policy"] = evaluate(agent, env_name, cfg, cfg.eval_episodes, random_policy=True)
+        if len(self.sources) > 1 and self.command != "online":
+            result["source_selected"] = dict(zip(self.source_names, self.progress["selected"]))
+        result["env_steps"] = dict(zip(self.source_names, self.progress["env_steps"]))
+        write_json(self.logdir / "results.json", result)
+        self.logger.write(agent.updates, "eval", {k: v for k, v in result["eval"].items()
+                                                   if isinstance(v, float)})
+        return result
+
+    @property
+    def target_replay(self):
+        if not hasattr(self, "_target_replay"):
+            self._target_replay = load_target_data(self.cfg)
+        return self._target_replay
+
+
+def write_json(path, obj):
+    tmp = Path(path).with_name(f".{Path(path).name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
+
+
+def check_same_config(saved, cfg, path):
+    """A checkpoint only resumes the run it came from: name the fields that differ."""
+    current = dataclasses.asdict(cfg)
+    ignore = {"device", "debug", "log_every", "checkpoint_every"}
+    diff = [f"{k} ({saved.get(k)!r} -> {current[k]!r})" for k in current
+            if k not in ignore and json.dumps(saved.get(k)) != json.dumps(current[k])]
+    if diff:
+        raise ConfigError(f"{path} was written by a different config: {', '.join(diff)}; "
+                          f"use another --logdir or the original flags")
+
+
+def default_dataset_policy(cfg):
+    if cfg.dataset_policy != "auto":
+        return cfg.dataset_policy
+    return "scripted" if family(cfg.target) == "metaworld" else "random"
+
+
+def load_target_data(cfg):
+    """B^(T): the offline dataset (--target-data), or a default one built once with the collect command
+    and cached. Its action size and render setting are checked against the target environment."""
+    directory = cfg.target_data
+    if not directory:
+        policy = default_dataset_policy(cfg)
+        directory = (Path(cfg.data_dir) / f"{cfg.target.replace(':', '-')}-{policy}-{cfg.render}-"
+                     f"{cfg.target_episodes}ep-s{cfg.seed}")
+        if envs.read_dataset_info(directory) is None:
+            print(f"No --target-data: building a default dataset for {cfg.target} ({cfg.target_episodes} episodes, "
+                  f"{policy} policy, {cfg.render} render) in {directory}")
+            envs.collect(cfg.target, policy, cfg.target_episodes, directory, seed=cfg.seed + 7,
+                         render=cfg.render, max_steps=cfg.max_episode_steps)
+    info = envs.read_dataset_info(directory) or {}
+    if info.get("render") not in (None, cfg.render):
+        raise envs.DatasetError(f"{directory}: recorded with render={info['render']!r} but the target environment "
+                                f"uses render={cfg.render!r}; pass --render {info['render']}")
+    if info.get("env") not in (None, cfg.target):
+        print(f"note: {directory} was recorded on {info['env']}, the target is {cfg.target}")
+    replay = envs.Replay(capacity=cfg.replay_capacity)
+    for episode in envs.load_dataset(directory, action_size=envs.action_size(cfg.target)):
+        replay.add(episode, save=False)
+    return replay
+
+
+# =============================================================================================
+# 9. Commands
+# =============================================================================================
+
+def announce(cfg, command):
+    notes = []
+    if cfg.preset == "small":
+        notes.append("no CUDA device: using the `small` preset (--preset paper forces the paper's values)"
+                     if cfg.device == "cpu" else "using the `small` preset")
+    if cfg.render == "fast":
+        notes.append("fast rendering (no shadows, reflections or multisampling): images differ from the benchmarks'")
+    if cfg.eval_episodes < 10:
+        notes.append(f"{cfg.eval_episodes} evaluation episodes (the paper uses 10)")
+    print(f"coworld {command}: device={cfg.device} precision={cfg.precision} preset={cfg.preset} -> {cfg.logdir}")
+    for note in notes:
+        print(f"  note: {note}")
+
+
+def command_train(cfg, extra):
+    announce(cfg, "train")
+    run = Run(cfg, "train")
+    result = run.execute()
+    print_result(result, run.logdir)
+    return 0
+
+
+def command_online(cfg, extra):
+    announce(cfg, "online")
+    run = Run(cfg, "online")
+    result = run.execute()
+    print_result(result, run.logdir)
+    return 0
+
+
+def command_evaluate(cfg, extra):
+    run = Run(cfg, "train")
+    result = evaluate(run.target, cfg.target, cfg, cfg.eval_episodes, run.logdir / "videos" / "evaluate.mp4")
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def print_result(result, logdir):
+    if result is None:
+        return
+    ev = result["eval"]
+    line = f"{result['env']}: return {ev['return_mean']:.1f} +- {ev['return_std']:.1f} over {ev['episodes']} episodes"
+    if ev.get("success_rate") is not None:
+        line += f", success {ev['success_rate']:.0%}"
+    if "random_policy" in result:
+        line += f" (random policy: {result['random_policy']['return_mean']:.1f})"
+    print(line)
+    print(f"results: {Path(logdir) / 'results.json'}")
+
+
+def synthetic_batch(cfg, action_size, seed):
+    """Random uint8 images and actions of a real batch's shapes and dtypes (timing does not depend on pixels)."""
+    g = torch.Generator().manual_seed(seed)
+    B, T = cfg.batch_size, cfg.seq_len
+    batch = {"image": torch.randint(0, 256, (B, T, 64, 64, 3), dtype=torch.uint8, generator=g),
+             "action": torch.rand(B, T, action_size, generator=g) * 2 - 1, "reward": torch.rand(B, T, generator=g),
+             "is_first": torch.zeros(B, T, dtype=torch.bool), "is_terminal": torch.zeros(B, T, dtype=torch.bool)}
+    batch["is_first"][:, 0] = True
+    return {k: v.to(cfg.device) for k, v in batch.items()}
+
+
+def bench_update(cfg, kind, updates, seed=0):
+    """Median seconds of one target update (Eq. 3 + Eq. 6) or source update (Eq. 2 + 5), its FLOPs and the
+    peak memory, with fresh agents on synthetic data. Runs in its own process so peak memory is its own."""
+    import resource
+    from torch.utils.flop_counter import FlopCounterMode
+    torch.manual_seed(seed)
+    target, source = (Agent(cfg, 5).to(cfg.device).build_optimisers() for _ in range(2))
+    step = {"target": lambda b, b2: target_update(target, b, cfg, [source]),
+            "source": lambda b, b2: source_update(source, b, cfg, b2, eta=0.5)}[kind]
+    batches = [synthetic_batch(cfg, 5, seed + i) for i in range(2)]
+    with FlopCounterMode(display=False) as counter:
+        step(*batches)  # the warm-up update also counts the FLOPs
+    if cfg.device == "cuda":
+        torch.cuda.synchronize(), torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(updates):
+        start = time.perf_counter()
+        metrics, _ = step(*batches)
+        float(metrics["model_loss"])  # waits for the device
+        times.append(time.perf_counter() - start)
+    peak = (torch.cuda.max_memory_allocated() if cfg.device == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    seconds = float(np.median(times))
+    return {"seconds": seconds, "frames_per_s": cfg.batch_size * cfg.seq_len / seconds,
+            "gflop": counter.get_total_flops() / 1e9, "gflop_per_s": counter.get_total_flops() / 1e9 / seconds,
+            "peak_gb": peak / 1e9}
+
+
+def bench_act(cfg, steps=200):
+    """Policy steps per second on single observations (the acting cost inside data collection)."""
+    agent = Agent(cfg, 5).to(cfg.device)
+    obs = {"image": np.zeros((64, 64, 3), np.uint8), "is_first": True}
+    state = None
+    for i in range(steps + 10):
+        if i == 10:
+            start = time.perf_counter()
+        _, state, _ = agent.act(obs, state, explore=True)
+        obs["is_first"] = False
+    return {"steps_per_s": steps / (time.perf_counter() - start)}
+
+
+def peak_gflops(device, dtype, n=2048, reps=10):
+    """The machine's measured matrix-multiply throughput, the yardstick for an update's GFLOP/s."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    a @ a
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(reps):
+        a @ a
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return 2 * n ** 3 * reps / (time.perf_counter() - start) / 1e9
+
+
+def in_subprocess(function, *args):
+    import multiprocessing
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(function, args)
+
+
+def command_bench(cfg, extra):
+    """Print update, acting and environment speeds in a form to paste into an issue."""
+    updates, env_steps = extra.get("updates", 3), extra.get("env_steps", 50)
+    print(f"coworld bench  {time.strftime('%Y-%m-%d')}  torch {torch.__version__}  device {cfg.device}"
+          f"{' (' + torch.cuda.get_device_name() + ')' if cfg.device == 'cuda' else ''}  threads "
+          f"{torch.get_num_threads()}  cpus {os.cpu_count()}")
+    print(f"preset {cfg.preset}  precision {cfg.precision}  batch {cfg.batch_size} x {cfg.seq_len}  "
+          f"horizon {cfg.horizon}  latents {cfg.stoch}x{cfg.classes}  deter {cfg.deter}  cnn depth {cfg.cnn_depth}")
+    dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
+    print(f"matmul peak: {peak_gflops(cfg.device, dtype):.0f} GFLOP/s ({cfg.precision})")
+    for kind in ("target", "source"):
+        r = in_subprocess(bench_update, cfg, kind, updates)
+        print(f"{kind} update: {r['seconds']:.3f} s median of {updates}  {r['frames_per_s']:.0f} frames/s  "
+              f"{r['gflop']:.0f} GFLOP  {r['gflop_per_s']:.0f} GFLOP/s  peak memory {r['peak_gb']:.2f} GB")
+    print(f"acting: {in_subprocess(bench_act, cfg)['steps_per_s']:.0f} policy steps/s")
+    if env_steps:
+        print("environment steps per second (step + render):")
+        envs.bench(steps=env_steps)
+    return 0
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in argv
+    try:
+        command, cfg, extra = parse_args(argv)
+        handler = {"train": command_train, "online": command_online, "evaluate": command_evaluate,
+                   "bench": command_bench}[command]
+        return handler(cfg, extra)
+    except (ConfigError, envs.EnvError, envs.DatasetError, FloatingPointError) as error:
+        if debug:
+            traceback.print_exc()
+        print(f"coworld.py: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,891 @@
+"""Simulators and offline data on disk for CoWorld.
+
+Three simulator families behind one interface (`make_env("family:task")`):
+
+* ``metaworld:<task>``  Meta-World v3, camera ``corner``, 4-d actions, 500 steps.
+* ``robodesk:<task>``   RoboDesk 1.0.0, 5-d actions, dense reward, 500 steps.
+* ``dmc:<domain>_<task>`` DeepMind Control Suite, action repeat 2, 500 agent
+  steps, plus the paper's modified tasks (walker/cheetah uphill, downhill,
+  walker_nofoot, cheetah_nopaw).
+
+Every environment returns 64x64 RGB images and the DreamerV2 flags
+(``is_first``, ``is_last``, ``is_terminal``). Offline data is stored one episode
+per ``.npz`` file in the DreamerV2 / V-D4RL layout; `load_dataset` validates
+every file and `Replay` samples fixed-length windows from the episodes.
+
+Command line::
+
+    python envs.py collect --env metaworld:window-close --policy scripted --episodes 50 --out DIR
+    python envs.py bench --steps 100
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import functools
+import io
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+import warnings
+import xml.etree.ElementTree as ET
+from typing import Callable
+
+import numpy as np
+
+
+def _nvidia_gpu_present() -> bool:
+    """True when an NVIDIA GPU is visible (device node or a working nvidia-smi)."""
+    if os.path.exists("/dev/nvidia0"):
+        return True
+    if shutil.which("nvidia-smi") is None:
+        return False
+    try:
+        return subprocess.run(["nvidia-smi", "-L"], capture_output=True, timeout=10).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+# MuJoCo and dm_control pick their OpenGL backend when they are first imported,
+# so this must run before any simulator import. EGL needs a GPU; OSMesa renders
+# on the CPU anywhere. An explicit MUJOCO_GL from the user wins.
+os.environ.setdefault("MUJOCO_GL", "egl" if _nvidia_gpu_present() else "osmesa")
+if os.environ["MUJOCO_GL"] in ("egl", "osmesa"):
+    os.environ.setdefault("PYOPENGL_PLATFORM", os.environ["MUJOCO_GL"])
+
+FAMILIES = ("metaworld", "robodesk", "dmc")
+RENDERS = ("default", "fast")
+IMAGE_SIZE = 64
+EPISODE_KEYS = ("image", "action", "reward", "discount", "is_first", "is_last", "is_terminal")
+FLAG_KEYS = ("is_first", "is_last", "is_terminal", "success")
+DATASET_INFO = "dataset.json"
+BENCH_ENVS = ("metaworld:window-close", "robodesk:open_slide", "dmc:walker_walk", "dmc:walker_uphill")
+
+# Debian packages that provide each OpenGL backend, for error messages.
+_GL_PACKAGES = {"osmesa": "libosmesa6", "egl": "libegl1", "glfw": "libglfw3"}
+
+
+class EnvError(ValueError):
+    """A bad environment name or setting, or an OpenGL library that cannot be loaded."""
+
+
+class DatasetError(ValueError):
+    """An offline dataset that is missing or malformed; the message names the file."""
+
+
+# ---------------------------------------------------------------------------
+# Rendering
+# ---------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _gl_errors():
+    """Turn a failure to load OpenGL into an EnvError naming the Debian package.
+
+    Missing GL libraries surface as ImportError, OSError, AttributeError or
+    RuntimeError from deep inside PyOpenGL; none of them says what to install.
+    A missing Python package (ModuleNotFoundError) is passed through unchanged.
+    """
+    try:
+        yield
+    except ModuleNotFoundError:
+        raise
+    except (ImportError, OSError, AttributeError, RuntimeError) as exc:
+        backend = os.environ.get("MUJOCO_GL", "")
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        package = _GL_PACKAGES.get(backend)
+        fix = (f"install the Debian package {package}: apt-get install -y {package}" if package
+               else "set MUJOCO_GL=osmesa (CPU) or MUJOCO_GL=egl (NVIDIA GPU)")
+        raise EnvError(f"cannot load OpenGL for MUJOCO_GL={backend} ({reason}); {fix}") from exc
+
+
+def _mujoco():
+    """The mujoco module. Importing it loads the OpenGL backend named by MUJOCO_GL."""
+    with _gl_errors():
+        import mujoco
+    return mujoco
+
+
+class _Camera:
+    """One persistent offscreen renderer for one environment.
+
+    Creating a renderer per frame is slow, and replacing one without closing it
+    corrupts later images, so each environment keeps one and closes it in close().
+    ``fast`` turns off shadows, reflections and multisampling: several times
+    faster on CPUs but a different look, which is why it is an explicit setting.
+    """
+
+    def __init__(self, model, data, size: int, camera, fast: bool, finish: Callable | None = None):
+        mujoco = _mujoco()
+        if fast:
+            model.vis.quality.offsamples = 0  # read when the GL context is created
+        with _gl_errors():
+            self._renderer = mujoco.Renderer(model, size, size)
+        if fast:
+            self._renderer.scene.flags[mujoco.mjtRndFlag.mjRND_SHADOW] = 0
+            self._renderer.scene.flags[mujoco.mjtRndFlag.mjRND_REFLECTION] = 0
+        self._data, self._camera, self._finish = data, camera, finish
+
+    def render(self) -> np.ndarray:
+        """The current frame as a fresh uint8 (H, W, 3) array."""
+        self._renderer.update_scene(self._data, camera=self._camera)
+        image = self._renderer.render()
+        return self._finish(image) if self._finish else image
+
+    def close(self) -> None:
+        self._renderer.close()
+
+
+# ---------------------------------------------------------------------------
+# Environments
+# ---------------------------------------------------------------------------
+
+
+class Env:
+    """One simulator task behind the interface the agent uses.
+
+    Observations are dicts: ``image`` uint8 (64, 64, 3), ``reward`` float (summed
+    over the action repeat, 0.0 at reset), ``is_first``, ``is_last``,
+    ``is_terminal`` bools, and ``success`` (bool) where ``has_success``. Hitting
+    ``max_steps`` ends the episode with is_last=True, is_terminal=False.
+    Subclasses implement the four ``_..._sim`` / ``_success`` hooks.
+    """
+
+    has_success = False
+
+    def __init__(self, name: str, action_size: int, action_repeat: int, max_steps: int, render: str, camera: _Camera):
+        self.name = name
+        self.action_size = action_size
+        self.action_repeat = action_repeat
+        self.max_steps = max_steps
+        self.render = render
+        self._camera = camera
+        self._steps = 0
+        self._done = True  # step() before reset() is an error
+
+    def reset(self) -> dict:
+        """Start a new episode and return its first observation."""
+        self._reset_sim()
+        self._steps = 0
+        return self._observe(0.0, is_first=True, is_terminal=False)
+
+    def step(self, action: np.ndarray) -> dict:
+        """Apply ``action`` (clipped to [-1, 1]) for ``action_repeat`` simulator steps."""
+        if self._done:
+            raise RuntimeError(f"{self.name}: the episode is over (or never started); call reset()")
+        action = np.asarray(action, dtype=np.float64)
+        if action.shape != (self.action_size,):
+            raise ValueError(f"{self.name}: action has shape {action.shape}, expected ({self.action_size},)")
+        action = np.clip(action, -1.0, 1.0)
+        reward, terminal = 0.0, False
+        for _ in range(self.action_repeat):
+            step_reward, terminal = self._step_sim(action)
+            reward += step_reward
+            if terminal:
+                break
+        self._steps += 1
+        return self._observe(reward, is_first=False, is_terminal=terminal)
+
+    def close(self) -> None:
+        """Release the renderer and the simulator (safe to call twice)."""
+        if self._camera is not None:
+            self._camera.close()
+            self._camera = None
+            self._free_sim()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+    def _observe(self, reward: float, is_first: bool, is_terminal: bool) -> dict:
+        is_last = is_terminal or self._steps >= self.max_steps
+        self._done = is_last
+        obs = {
+            "image": self._camera.render(),
+            "reward": float(reward),
+            "is_first": is_first,
+            "is_last": is_last,
+            "is_terminal": is_terminal,
+        }
+        if self.has_success:
+            obs["success"] = self._success()
+        return obs
+
+    def _reset_sim(self) -> None:
+        raise NotImplementedError
+
+    def _step_sim(self, action: np.ndarray) -> tuple[float, bool]:
+        """One simulator step: (reward, reached a true terminal state)."""
+        raise NotImplementedError
+
+    def _success(self) -> bool:
+        raise NotImplementedError
+
+    def _free_sim(self) -> None:
+        pass
+
+
+class MetaWorldEnv(Env):
+    """Meta-World v3 with the goal-observable class and a new goal every reset."""
+
+    has_success = True
+
+    def __init__(self, task: str, seed: int, render: str, max_steps: int | None):
+        with _gl_errors():
+            from metaworld.env_dict import ALL_V3_ENVIRONMENTS_GOAL_OBSERVABLE
+            from metaworld.policies import ENV_POLICY_MAP
+        # seed= seeds the env's own generator (env.seed); reset(seed=) is ignored in v3.
+        self._sim = ALL_V3_ENVIRONMENTS_GOAL_OBSERVABLE[f"{task}-v3-goal-observable"](seed=seed)
+        self._sim._freeze_rand_vec = False  # new object/goal position at every reset...
+        self._sim.seeded_rand_vec = True  # ...drawn from the seeded generator
+        self._sim.max_path_length = max_steps or self._sim.max_path_length
+        self._policy = ENV_POLICY_MAP[f"{task}-v3"]()
+        self._state = None
+        self._last_success = False
+        # The renderer's corner view comes out upside down: rotate 180 degrees.
+        camera = _Camera(self._sim.model, self._sim.data, IMAGE_SIZE, "corner", render == "fast",
+                         finish=lambda image: np.ascontiguousarray(image[::-1, ::-1]))
+        super().__init__(f"metaworld:{task}", 4, 1, self._sim.max_path_length, render, camera)
+
+    def expert_action(self) -> np.ndarray:
+        """The scripted expert's action (metaworld.policies) for the current state."""
+        with warnings.catch_warnings():  # "Constant(s) may be too high": we clip, as the env would
+            warnings.simplefilter("ignore", UserWarning)
+            return np.clip(self._policy.get_action(self._state), -1.0, 1.0)
+
+    def _reset_sim(self):
+        self._state, _ = self._sim.reset()
+        self._last_success = False
+
+    def _step_sim(self, action):
+        self._state, reward, _, _, info = self._sim.step(action)
+        self._last_success = bool(info["success"])
+        return float(reward), False  # Meta-World only truncates, it never terminates
+
+    def _success(self):
+        return self._last_success
+
+
+_ROBODESK_CROP = (16.75, 25.0, 105.0, 88.75)  # RoboDesk.render(): 120x120 frame, cropped, resized to 64
+
+
+def _import_robodesk():
+    """Import robodesk 1.0.0 with the shims it needs on current Pillow and gym."""
+    import PIL.Image
+
+    if not hasattr(PIL.Image, "ANTIALIAS"):  # removed in Pillow 10; robodesk's render uses it
+        PIL.Image.ANTIALIAS = PIL.Image.LANCZOS
+    # robodesk imports the old gym, which prints a migration notice users cannot act on.
+    with _gl_errors(), contextlib.redirect_stderr(io.StringIO()):
+        import robodesk
+    return robodesk
+
+
+def _robodesk_finish(image: np.ndarray) -> np.ndarray:
+    """Crop and resize exactly as RoboDesk.render() does (bit-identical images)."""
+    import PIL.Image
+
+    image = PIL.Image.fromarray(image).crop(box=_ROBODESK_CROP)
+    return np.array(image.resize((IMAGE_SIZE, IMAGE_SIZE), resample=PIL.Image.LANCZOS))
+
+
+def _free_robodesk(sim) -> None:
+    """Free a RoboDesk's physics. dm_control's GL context teardown can deadlock
+    when a RoboDesk that ever rendered is garbage collected; freeing avoids it."""
+    sim.physics.free()
+    sim.physics_copy.free()
+
+
+@contextlib.contextmanager
+def _global_numpy_rng(state: np.random.RandomState):
+    """Run code that draws from np.random using ``state``'s stream instead.
+
+    RoboDesk's reset draws from the global numpy generator. Swapping our own
+    stream in (and the caller's back out) keeps several environments, and the
+    caller's own use of np.random, independent of each other.
+    """
+    saved = np.random.get_state()
+    np.random.set_state(state.get_state())
+    try:
+        yield
+    finally:
+        state.set_state(np.random.get_state())
+        np.random.set_state(saved)
+
+
+class RoboDeskEnv(Env):
+    """RoboDesk 1.0.0: 5-d actions, dense reward in [0, 1], the task's own success."""
+
+    has_success = True
+
+    def __init__(self, task: str, seed: int, render: str, max_steps: int | None):
+        mujoco, robodesk = _mujoco(), _import_robodesk()
+        # episode_length=None: the time limit is ours (max_steps), not the package's.
+        self._sim = robodesk.RoboDesk(task=task, reward="dense", action_repeat=1, episode_length=None)
+        # The package renders a throwaway camera inside every reset and step
+        # (~400 ms each); we render once per step with our persistent camera.
+        self._sim._get_obs = lambda: None
+        self._rng = np.random.RandomState(seed)
+        view = mujoco.MjvCamera()  # the free camera of RoboDesk.render()
+        view.type = mujoco.mjtCamera.mjCAMERA_FREE
+        view.distance, view.azimuth, view.elevation = 1.8, 90, -60
+        view.lookat[:] = (0, 0.535, 1.1)
+        physics = self._sim.physics
+        camera = _Camera(physics.model.ptr, physics.data.ptr, 120, view, render == "fast", finish=_robodesk_finish)
+        super().__init__(f"robodesk:{task}", 5, 1, max_steps or 500, render, camera)
+
+    def _reset_sim(self):
+        with _global_numpy_rng(self._rng):
+            self._sim.reset()
+        # The package stores views into physics memory, so "did the block move"
+        # would compare each block with itself; keep the positions at reset.
+        self._sim.original_pos = {key: np.array(pos) for key, pos in self._sim.original_pos.items()}
+
+    def _step_sim(self, action):
+        _, reward, _, _ = self._sim.step(action)
+        return float(reward), False
+
+    def _success(self):
+        return bool(self._sim._get_task_reward(self._sim.task, "success"))
+
+    def _free_sim(self):
+        _free_robodesk(self._sim)
+
+
+# The paper's modified DMC tasks: stock task + edits of dm_control's own XML.
+# Gravity keeps |g| and tilts it by 15 degrees; the tracking camera is rolled to match.
+_DMC_VARIANTS = {
+    "walker_uphill": ("walker", "walk", {"gravity": (-2.54, 0, -9.47), "roll": -15}),
+    "walker_downhill": ("walker", "walk", {"gravity": (2.54, 0, -9.47), "roll": 15}),
+    "walker_nofoot": ("walker", "walk", {"shrink": "right_foot"}),
+    "cheetah_uphill": ("cheetah", "run", {"gravity": (-2.54, 0, -9.47), "roll": -15}),
+    "cheetah_downhill": ("cheetah", "run", {"gravity": (2.54, 0, -9.47), "roll": 15}),
+    "cheetah_nopaw": ("cheetah", "run", {"shrink": "ffoot"}),
+}
+_DMC_ACTION_REPEAT = 2
+_DMC_TIME_LIMIT = 1000  # control steps, as in DreamerV2 / V-D4RL
+
+
+def _roll_camera(camera: ET.Element, degrees: float) -> None:
+    """Turn an MJCF camera about its own viewing axis, keeping where it points."""
+    mujoco = _mujoco()
+    base = np.zeros(4)
+    if camera.get("quat"):
+        base[:] = np.array(camera.get("quat").split(), dtype=float)
+        base /= np.linalg.norm(base)
+    else:  # the suite's XMLs use degrees and the default "xyz" Euler sequence
+        mujoco.mju_euler2Quat(base, np.radians(np.array(camera.get("euler", "0 0 0").split(), dtype=float)), "xyz")
+    half = np.radians(degrees) / 2
+    rolled = np.zeros(4)
+    mujoco.mju_mulQuat(rolled, base, np.array([np.cos(half), 0.0, 0.0, np.sin(half)]))
+    camera.attrib.pop("euler", None)
+    camera.set("quat", " ".join(f"{q:.9f}" for q in rolled))
+
+
+def _modified_dmc_xml(xml: str | bytes, gravity=None, roll: float = 0.0, shrink: str | None = None) -> str:
+    """dm_control's model XML with the paper's edits (all variants: floor half-length 1000)."""
+    root = ET.fromstring(xml)
+    floor = root.find("./worldbody/geom[@type='plane']")
+    floor.set("size", " ".join(["1000"] + floor.get("size").split()[1:]))
+    if gravity is not None:
+        root.find("option").set("gravity", " ".join(str(g) for g in gravity))
+    if roll:
+        _roll_camera(root.find(".//camera[@name='side']"), roll)
+    if shrink is not None:  # a vanishing foot; its actuator stays, so the action size is kept
+        root.find(f".//geom[@name='{shrink}']").set("size", "0.001 0.001")
+    return ET.tostring(root, encoding="unicode")
+
+
+class DMCEnv(Env):
+    """DeepMind Control Suite task (stock or modified), action repeat 2, 64x64 camera 0."""
+
+    def __init__(self, task: str, seed: int, render: str, max_steps: int | None):
+        with _gl_errors():
+            from dm_control import suite
+        if task in _DMC_VARIANTS:
+            domain, stock_task, edits = _DMC_VARIANTS[task]
+        else:
+            (domain, stock_task), edits = _dmc_tasks()[task], None
+        # The time limit is ours (max_steps); dm_control would otherwise auto-reset.
+        kwargs = {"random": seed, "time_limit": float("inf")}
+        self._sim = suite.load(domain, stock_task, task_kwargs=kwargs)
+        if edits is not None:
+            xml, assets = getattr(suite, domain).get_model_and_assets()
+            self._sim.physics.reload_from_xml_string(_modified_dmc_xml(xml, **edits), assets)
+        physics = self._sim.physics
+        camera = _Camera(physics.model.ptr, physics.data.ptr, IMAGE_SIZE, 2 if domain == "quadruped" else 0,
+                         render == "fast")  # DreamerV2's camera choice
+        action_size = self._sim.action_spec().shape[0]
+        default_steps = _DMC_TIME_LIMIT // _DMC_ACTION_REPEAT
+        super().__init__(f"dmc:{task}", action_size, _DMC_ACTION_REPEAT, max_steps or default_steps, render, camera)
+
+    def _reset_sim(self):
+        self._sim.reset()
+
+    def _step_sim(self, action):
+        time_step = self._sim.step(action)
+        return float(time_step.reward or 0.0), time_step.last()  # with no time limit, last() means terminal
+
+    def _free_sim(self):
+        self._sim.physics.free()
+
+
+@functools.cache
+def _dmc_tasks() -> dict[str, tuple[str, str]]:
+    """``domain_task`` -> (domain, task) for the stock suite."""
+    with _gl_errors():
+        from dm_control import suite
+    return {f"{domain}_{task}": (domain, task) for domain, task in suite.ALL_TASKS}
+
+
+@functools.cache
+def _tasks(family: str) -> tuple[str, ...]:
+    """Valid task names of one family, read from the installed packages."""
+    if family == "metaworld":
+        with _gl_errors():
+            from metaworld.env_dict import ALL_V3_ENVIRONMENTS
+        return tuple(sorted(name.removesuffix("-v3") for name in ALL_V3_ENVIRONMENTS))
+    if family == "robodesk":
+        # The task list lives on instances only; build one and free it.
+        sim = _import_robodesk().RoboDesk()
+        _free_robodesk(sim)
+        return tuple(sim.all_tasks)
+    return tuple(sorted([*_dmc_tasks(), *_DMC_VARIANTS]))
+
+
+def list_envs() -> dict[str, list[str]]:
+    """Family -> valid task names (use as ``family:task``)."""
+    return {family: list(_tasks(family)) for family in FAMILIES}
+
+
+_ENV_CLASSES = {"metaworld": MetaWorldEnv, "robodesk": RoboDeskEnv, "dmc": DMCEnv}
+
+
+def check_env_name(name: str) -> tuple[str, str]:
+    """Split ``family:task`` and check both parts; an EnvError lists the valid names."""
+    family, _, task = str(name).partition(":")
+    if family not in FAMILIES or not task:
+        raise EnvError(f"unknown environment {name!r}: use family:task with family one of {', '.join(FAMILIES)} "
+                       f"(e.g. metaworld:window-close)")
+    if task not in _tasks(family):
+        raise EnvError(f"unknown {family} task {task!r}; valid: {', '.join(_tasks(family))}")
+    return family, task
+
+
+@functools.cache
+def action_size(name: str) -> int:
+    """Action dimensions of ``family:task`` without rendering anything."""
+    family, task = check_env_name(name)
+    if family == "metaworld":
+        return 4
+    if family == "robodesk":
+        return 5
+    from dm_control import suite
+    domain, base = _DMC_VARIANTS[task][:2] if task in _DMC_VARIANTS else _dmc_tasks()[task]
+    return int(suite.load(domain, base).action_spec().shape[0])
+
+
+def make_env(name: str, seed: int = 0, render: str = "default", max_steps: int | None = None) -> Env:
+    """Create ``family:task`` (see list_envs()).
+
+    render: "default" (the look the benchmarks define) or "fast" (no shadows,
+    reflections or multisampling). max_steps: episode length in agent steps
+    (after action repeat); default 500 for every family.
+    """
+    family, task = check_env_name(name)
+    if render not in RENDERS:
+        raise EnvError(f"render must be one of {', '.join(RENDERS)}, got {render!r}")
+    if max_steps is not None and (not isinstance(max_steps, (int, np.integer)) or max_steps < 1):
+        raise EnvError(f"max_steps must be a positive integer, got {max_steps!r}")
+    return _ENV_CLASSES[family](task, seed, render, None if max_steps is None else int(max_steps))
+
+
+# ---------------------------------------------------------------------------
+# Episodes on disk
+# ---------------------------------------------------------------------------
+
+
+def _atomic_write(path: pathlib.Path, write: Callable) -> None:
+    """Write via a temporary file in the same folder and os.replace.
+
+    A killed process then leaves either the old file or the new one, never a
+    half-written one (the temporary name does not match *.npz or dataset.json).
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")  # open() keeps the umask's permissions
+    try:
+        with open(temporary, "xb") as file:
+            write(file)
+        os.replace(temporary, path)
+    except BaseException:
+        os.unlink(temporary)
+        raise
+
+
+def _as_flags(values: np.ndarray, key: str, where: str) -> np.ndarray:
+    """bool, or 0/1 integers (DreamerV2 and V-D4RL store flags as uint8), as bool."""
+    if values.dtype == bool:
+        return values
+    if not np.issubdtype(values.dtype, np.integer) or not np.isin(values, (0, 1)).all():
+        raise DatasetError(f"{where}: {key} must be bool or 0/1 integers, got {values.dtype}")
+    return values.astype(bool)
+
+
+def _check_episode(episode: dict, where: str = "episode") -> dict:
+    """Validate an episode and return it with canonical dtypes.
+
+    Layout (N = number of time steps, the reset frame included): image uint8
+    (N, H, W, 3); action float (N, A), action[t] led into image[t] (zeros at
+    t=0); reward, discount float (N,); is_first, is_last, is_terminal bool (N,)
+    (is_terminal derived from discount == 0 when absent); optional success.
+    Other keys are dropped. ``where`` (usually the file) starts every error message.
+    """
+    missing = [key for key in EPISODE_KEYS if key not in episode and key != "is_terminal"]
+    if missing:
+        raise DatasetError(f"{where}: missing key(s) {', '.join(missing)}")
+    out = {key: np.asarray(episode[key]) for key in (*EPISODE_KEYS, "success") if key in episode}
+    image = out["image"]
+    if image.dtype != np.uint8 or image.ndim != 4 or image.shape[-1] != 3:
+        raise DatasetError(f"{where}: image must be uint8 (N, H, W, 3), got {image.dtype} {image.shape}")
+    for key, ndim in (("action", 2), ("reward", 1), ("discount", 1)):
+        if not np.issubdtype(out[key].dtype, np.floating) or out[key].ndim != ndim:
+            shape = "(N, A)" if ndim == 2 else "(N,)"
+            raise DatasetError(f"{where}: {key} must be float {shape}, got {out[key].dtype} {out[key].shape}")
+        if not np.isfinite(out[key]).all():
+            raise DatasetError(f"{where}: {key} contains NaN or inf")
+        out[key] = out[key].astype(np.float32, copy=False)
+    if "is_terminal" not in out:
+        out["is_terminal"] = out["discount"] == 0
+    for key in FLAG_KEYS:
+        if key in out:
+            if out[key].ndim != 1:
+                raise DatasetError(f"{where}: {key} must have shape (N,), got {out[key].shape}")
+            out[key] = _as_flags(out[key], key, where)
+    lengths = {key: len(value) for key, value in out.items()}
+    if len(set(lengths.values())) != 1:
+        raise DatasetError(f"{where}: arrays have unequal lengths {lengths}")
+    if lengths["image"] == 0 or not out["is_first"][0]:
+        raise DatasetError(f"{where}: an episode must start with is_first=True")
+    return out
+
+
+def save_episode(directory, episode: dict) -> pathlib.Path:
+    """Validate and write one episode as ``{YYYYmmddTHHMMSS}-{uuid}-{N}.npz`` (atomic)."""
+    episode = _check_episode(episode)
+    timestamp = datetime.datetime.now().strftime("%Y%m%dT%H%M%S")
+    path = pathlib.Path(directory) / f"{timestamp}-{uuid.uuid4().hex}-{len(episode['reward'])}.npz"
+    _atomic_write(path, lambda file: np.savez_compressed(file, **episode))
+    return path
+
+
+def load_episode(path) -> dict:
+    """Read and validate one episode file (lengths come from the arrays, not the name)."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            episode = {key: data[key] for key in data.files}
+    except Exception as exc:  # zip, zlib, pickle and OS errors all mean an unreadable file
+        raise DatasetError(f"{path}: not a readable .npz episode ({type(exc).__name__}: {exc})") from exc
+    return _check_episode(episode, str(path))
+
+
+def _episode_paths(directory) -> list[pathlib.Path]:
+    """Episode files of a folder, oldest first.
+
+    Names start with a timestamp in seconds; within one second the
+    modification time orders the episodes one process wrote.
+    """
+    return sorted(pathlib.Path(directory).glob("*.npz"), key=lambda path: (path.name[:15], path.stat().st_mtime_ns))
+
+
+def load_dataset(directory, action_size: int | None = None, image_size: int = IMAGE_SIZE) -> list[dict]:
+    """Load and validate every episode of a folder; any problem is a DatasetError."""
+    directory = pathlib.Path(directory)
+    if not directory.is_dir():
+        raise DatasetError(f"{directory}: no such folder")
+    paths = _episode_paths(directory)
+    if not paths:
+        raise DatasetError(f"{directory}: no episodes (*.npz files) in this folder")
+    episodes = []
+    for path in paths:
+        episode = load_episode(path)
+        found = episode["action"].shape[1]
+        if action_size is not None and found != action_size:
+            raise DatasetError(f"{path}: action size {found}, expected {action_size}")
+        if episode["image"].shape[1:3] != (image_size, image_size):
+            raise DatasetError(f"{path}: image size {episode['image'].shape[1:3]}, expected ({image_size}, {image_size})")
+        episodes.append(episode)
+    return episodes
+
+
+def write_dataset_info(directory, info: dict) -> None:
+    """Write ``dataset.json`` (how the episodes beside it were made) atomically."""
+    text = json.dumps(info, indent=2, sort_keys=True) + "\n"
+    _atomic_write(pathlib.Path(directory) / DATASET_INFO, lambda file: file.write(text.encode()))
+
+
+def read_dataset_info(directory) -> dict | None:
+    """The folder's ``dataset.json`` as a dict, or None when there is none."""
+    path = pathlib.Path(directory) / DATASET_INFO
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise DatasetError(f"{path}: not valid JSON ({exc})") from exc
+
+
+# ---------------------------------------------------------------------------
+# Replay: the sequence sampler
+# ---------------------------------------------------------------------------
+
+
+class Replay:
+    """Episodes in memory (as stored: uint8 images), sampled as (B, T) windows.
+
+    The episodes are treated as one circular stream: a window starts at a
+    uniformly drawn time step and may run past its episode's end into the next
+    episode's start, where is_first marks the seam. Episodes shorter than T
+    therefore work. With a ``directory`` the replay loads the episodes already
+    there (how a killed run resumes) and add() saves new ones to it. The oldest
+    episodes are dropped beyond ``capacity`` time steps.
+    """
+
+    def __init__(self, directory=None, capacity: int = 2_000_000):
+        self.directory = None if directory is None else pathlib.Path(directory)
+        self.capacity = capacity
+        self._episodes: list[dict] = []
+        self._starts = np.zeros(0, np.int64)  # stream index of each episode's first step
+        self.num_steps = 0  # time steps held (reset frames included)
+        if self.directory is not None and self.directory.is_dir():
+            self._load_newest()
+
+    @property
+    def num_episodes(self) -> int:
+        return len(self._episodes)
+
+    def _load_newest(self) -> None:
+        """Load the newest episodes that fit the capacity, oldest first."""
+        chosen, steps = [], 0
+        for path in reversed(_episode_paths(self.directory)):
+            episode = load_episode(path)
+            steps += len(episode["reward"])
+            if steps > self.capacity and chosen:
+                break
+            chosen.append((path, episode))
+        for path, episode in reversed(chosen):
+            self._append(episode, str(path))
+
+    def add(self, episode: dict, save: bool = True) -> None:
+        """Add one episode; with save=True also write it to ``directory``."""
+        if save and self.directory is None:
+            raise ValueError("Replay.add(save=True) needs a directory; pass save=False or Replay(directory)")
+        episode = _check_episode(episode)
+        if save:
+            save_episode(self.directory, episode)
+        self._append(episode, "episode")
+
+    def _append(self, episode: dict, where: str) -> None:
+        if self._episodes:
+            first = self._episodes[0]
+            for key in ("image", "action"):
+                if episode[key].shape[1:] != first[key].shape[1:]:
+                    raise DatasetError(f"{where}: {key} shape {episode[key].shape[1:]} differs from the "
+                                       f"replay's {first[key].shape[1:]}")
+        self._episodes.append(episode)
+        self.num_steps += len(episode["reward"])
+        while self.num_steps > self.capacity and len(self._episodes) > 1:
+            self.num_steps -= len(self._episodes.pop(0)["reward"])
+        lengths = [len(e["reward"]) for e in self._episodes]
+        self._starts = np.concatenate([[0], np.cumsum(lengths[:-1])]).astype(np.int64)
+
+    def sample(self, batch: int, length: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        """A dict of (batch, length, ...) arrays for EPISODE_KEYS, dtypes as stored."""
+        if not self._episodes:
+            raise ValueError("cannot sample from an empty replay")
+        first = self._episodes[0]
+        out = {key: np.empty((batch, length, *first[key].shape[1:]), first[key].dtype) for key in EPISODE_KEYS}
+        for row, start in enumerate(rng.integers(0, self.num_steps, size=batch)):
+            self._copy_window(out, row, int(start), length)
+        return out
+
+    def _copy_window(self, out: dict, row: int, start: int, length: int) -> None:
+        index = int(np.searchsorted(self._starts, start, side="right")) - 1
+        offset, filled = start - int(self._starts[index]), 0
+        while filled < length:
+            episode = self._episodes[index]
+            count = min(len(episode["reward"]) - offset, length - filled)
+            for key in EPISODE_KEYS:
+                out[key][row, filled:filled + count] = episode[key][offset:offset + count]
+            filled += count
+            index, offset = (index + 1) % len(self._episodes), 0
+
+
+# ---------------------------------------------------------------------------
+# Collecting datasets
+# ---------------------------------------------------------------------------
+
+
+def run_episode(env: Env, act: Callable[[dict], np.ndarray]) -> dict:
+    """Run one episode with ``act(obs) -> action`` and return it in the on-disk layout."""
+    obs = env.reset()
+    steps = [(obs, np.zeros(env.action_size, np.float32))]
+    while not obs["is_last"]:
+        action = np.clip(np.asarray(act(obs), np.float32), -1.0, 1.0)
+        obs = env.step(action)
+        steps.append((obs, action))
+    return episode_from_steps(steps)
+
+
+def episode_from_steps(steps: list[tuple[dict, np.ndarray]]) -> dict:
+    """(observation, action that led into it) pairs, reset first, -> the on-disk episode layout."""
+    obs = steps[-1][0]
+    episode = {"image": np.stack([o["image"] for o, _ in steps]),
+               "action": np.stack([a for _, a in steps]),
+               "reward": np.array([o["reward"] for o, _ in steps], np.float32)}
+    for key in FLAG_KEYS:
+        if key in obs:
+            episode[key] = np.array([o[key] for o, _ in steps], bool)
+    episode["discount"] = (~episode["is_terminal"]).astype(np.float32)
+    return episode
+
+
+def _scripted_policy(env: MetaWorldEnv, epsilon: float, rng: np.random.Generator, hold: int = 10) -> Callable:
+    """The scripted expert, replaced by a random action (held ``hold`` steps) in
+    a fraction ``epsilon`` of the blocks, so returns spread from random to expert."""
+    state = {"t": 0, "random": None}
+
+    def act(obs):
+        if state["t"] % hold == 0:
+            state["random"] = rng.uniform(-1, 1, env.action_size) if rng.random() < epsilon else None
+        state["t"] += 1
+        return env.expert_action() if state["random"] is None else state["random"]
+
+    return act
+
+
+def collect(env_name: str, policy: str, episodes: int, out, seed: int = 0, render: str = "default",
+            max_steps: int | None = None, epsilon: tuple[float, float] = (0.5, 1.0)) -> dict:
+    """Collect ``episodes`` episodes into the empty folder ``out`` and write dataset.json.
+
+    policy: "random" (uniform actions, any env) or "scripted" (Meta-World's
+    experts; each episode draws its epsilon uniformly from ``epsilon``).
+    Returns (and prints) a summary: episodes, steps, return mean/min/max, success rate.
+    """
+    from tqdm import tqdm
+
+    if episodes < 1:
+        raise ValueError(f"episodes must be at least 1, got {episodes}")
+    if policy not in ("random", "scripted"):
+        raise EnvError(f"unknown policy {policy!r}; valid: random, scripted")
+    if policy == "scripted" and not env_name.startswith("metaworld:"):
+        raise EnvError(f"the scripted policy exists for Meta-World tasks only, not {env_name}; use random")
+    if not 0.0 <= epsilon[0] <= epsilon[1] <= 1.0:
+        raise EnvError(f"epsilon must be a range inside [0, 1], got {epsilon}")
+    out = pathlib.Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise DatasetError(f"{out}: folder is not empty; collect into a new folder")
+    rng = np.random.default_rng(seed)
+    returns, successes, steps = [], [], 0
+    with make_env(env_name, seed=seed, render=render, max_steps=max_steps) as env, \
+            tqdm(total=episodes, desc=env_name, unit="episode") as bar:
+        for _ in range(episodes):
+            if policy == "scripted":
+                act = _scripted_policy(env, rng.uniform(*epsilon), rng)
+            else:
+                act = lambda obs: rng.uniform(-1, 1, env.action_size)  # noqa: E731
+            episode = run_episode(env, act)
+            save_episode(out, episode)
+            returns.append(float(episode["reward"].sum()))
+            steps += len(episode["reward"]) - 1
+            shown = {"return": f"{returns[-1]:.1f}"}
+            if "success" in episode:
+                successes.append(bool(episode["success"].any()))
+                shown["success"] = "yes" if successes[-1] else "no"
+            bar.set_postfix(shown)
+            bar.update(1)
+        action_size, episode_steps = env.action_size, env.max_steps
+    summary = {
+        "episodes": len(returns), "steps": steps,
+        "mean_return": float(np.mean(returns)), "min_return": min(returns), "max_return": max(returns),
+        "success_rate": float(np.mean(successes)) if successes else None,
+    }
+    write_dataset_info(out, {"env": env_name, "render": render, "policy": policy, "seed": seed,
+                             "epsilon": list(epsilon) if policy == "scripted" else None,
+                             "action_size": action_size, "max_steps": episode_steps, **summary})
+    print(json.dumps(summary))
+    return summary
+
+
+# ---------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------
+
+
+def bench(steps: int = 100, names=BENCH_ENVS) -> None:
+    """Print environment steps per second (step + render) with each render setting."""
+    rng = np.random.default_rng(0)
+    for name in names:
+        for render in RENDERS:
+            with make_env(name, render=render, max_steps=steps) as env:
+                env.reset()
+                begin = time.perf_counter()
+                for _ in range(steps):
+                    env.step(rng.uniform(-1, 1, env.action_size))
+                rate = steps / (time.perf_counter() - begin)
+            print(f"{name:24s} {render:8s} {rate:8.1f} steps/s", flush=True)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (exit code 2) instead of usage + error."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError(text)
+    return value
+
+
+_positive_int.__name__ = "positive integer"  # how argparse names the type in its error
+
+
+def main(argv=None) -> int:
+    parser = _Parser(prog="envs.py", description="CoWorld environments and offline data.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    make = commands.add_parser("collect", help="collect an offline dataset")
+    make.add_argument("--env", required=True, help="family:task, e.g. metaworld:window-close")
+    make.add_argument("--policy", required=True, choices=("random", "scripted"))
+    make.add_argument("--episodes", required=True, type=_positive_int)
+    make.add_argument("--out", required=True, help="new folder for the episodes")
+    make.add_argument("--seed", type=int, default=0)
+    make.add_argument("--render", choices=RENDERS, default="default")
+    make.add_argument("--max-steps", type=_positive_int, default=None)
+    speed = commands.add_parser("bench", help="print steps per second of one task per family")
+    speed.add_argument("--steps", type=_positive_int, default=100)
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "collect":
+            collect(args.env, args.policy, args.episodes, args.out, seed=args.seed,
+                    render=args.render, max_steps=args.max_steps)
+        else:
+            bench(args.steps)
+    except (EnvError, DatasetError) as exc:
+        print(f"envs.py: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

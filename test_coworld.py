@@ -1,0 +1,1008 @@
+"""Tests for CoWorld: run with `MUJOCO_GL=osmesa python -m pytest -q test_coworld.py`."""
+
+import dataclasses
+import json
+import math
+import os
+import pathlib
+import re
+import subprocess
+import sys
+import tracemalloc
+
+import numpy as np
+import pytest
+import torch
+
+import coworld as C
+import envs
+
+ROOT = pathlib.Path(__file__).resolve().parent
+
+
+# ---- Environments and offline data (envs.py) ----
+
+PAPER_METAWORLD = ("door-close", "button-press", "window-close", "handle-press", "drawer-close", "button-press-topdown")
+DMC_VARIANTS = ("walker_uphill", "walker_downhill", "walker_nofoot", "cheetah_uphill", "cheetah_downhill", "cheetah_nopaw")
+
+
+def play(env, rng=None, actions=None):
+    """Reset, then act (random or the given actions) until is_last; return all observations."""
+    rng = rng or np.random.default_rng(0)
+    observations = [env.reset()]
+    while not observations[-1]["is_last"]:
+        step = len(observations) - 1
+        action = actions[step] if actions is not None else rng.uniform(-1, 1, env.action_size)
+        observations.append(env.step(action))
+    return observations
+
+
+def check_observations(env, observations, reward_range):
+    """The observation contract every family shares."""
+    assert len(observations) == env.max_steps + 1
+    for t, obs in enumerate(observations):
+        assert obs["image"].dtype == np.uint8 and obs["image"].shape == (64, 64, 3)
+        assert isinstance(obs["reward"], float) and reward_range[0] <= obs["reward"] <= reward_range[1]
+        for key in ("is_first", "is_last", "is_terminal"):
+            assert isinstance(obs[key], (bool, np.bool_)), key
+        assert obs["is_first"] == (t == 0)
+        assert obs["is_last"] == (t == env.max_steps)  # time limit...
+        assert not obs["is_terminal"]  # ...is not termination
+        assert ("success" in obs) == env.has_success
+        if env.has_success:
+            assert isinstance(obs["success"], (bool, np.bool_))
+    assert observations[0]["reward"] == 0.0
+    assert len({obs["image"].tobytes() for obs in observations}) > 1  # the images move
+
+
+def synthetic_episode(length, action_size=4, seed=0, reward=None):
+    """A valid episode in the on-disk layout (random pixels)."""
+    rng = np.random.default_rng(seed)
+    episode = {
+        "image": rng.integers(0, 256, (length, 64, 64, 3), dtype=np.uint8),
+        "action": rng.uniform(-1, 1, (length, action_size)).astype(np.float32),
+        "reward": rng.uniform(0, 1, length).astype(np.float32) if reward is None else reward.astype(np.float32),
+        "discount": np.ones(length, np.float32),
+        "is_first": np.arange(length) == 0,
+        "is_last": np.arange(length) == length - 1,
+        "is_terminal": np.zeros(length, bool),
+    }
+    episode["action"][0] = 0
+    return episode
+
+
+def run_envs_cli(*args, timeout=300):
+    return subprocess.run([sys.executable, str(ROOT / "envs.py"), *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT)
+
+
+# -- names, settings, OpenGL
+
+
+def test_list_envs_reads_the_installed_packages():
+    names = envs.list_envs()
+    assert set(names) == {"metaworld", "robodesk", "dmc"}
+    assert set(PAPER_METAWORLD) <= set(names["metaworld"]) and len(names["metaworld"]) == 50
+    assert len(names["robodesk"]) == 18
+    assert {"open_slide", "open_drawer", "push_green", "stack", "upright_block_off_table"} <= set(names["robodesk"])
+    assert {"walker_walk", "cheetah_run", *DMC_VARIANTS} <= set(names["dmc"])
+
+
+@pytest.mark.parametrize("name, listed", [
+    ("window-close", "metaworld, robodesk, dmc"),
+    ("gym:window-close", "metaworld, robodesk, dmc"),
+    ("metaworld:window-clos", "window-close"),
+    ("robodesk:open", "open_slide"),
+    ("dmc:walker_flip", "walker_uphill"),
+])
+def test_unknown_names_list_the_valid_ones(name, listed):
+    with pytest.raises(envs.EnvError, match=re.escape(listed)) as error:
+        envs.make_env(name)
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("kwargs", [{"render": "pretty"}, {"max_steps": 0}, {"max_steps": 2.5}])
+def test_bad_settings_are_env_errors(kwargs):
+    with pytest.raises(envs.EnvError):
+        envs.make_env("dmc:walker_walk", **kwargs)
+
+
+def test_gl_backend_is_chosen_before_any_simulator_import():
+    code = "import os, sys, envs; print(os.environ['MUJOCO_GL'], os.environ.get('PYOPENGL_PLATFORM'), 'mujoco' in sys.modules)"
+    clean = {k: v for k, v in os.environ.items() if k not in ("MUJOCO_GL", "PYOPENGL_PLATFORM")}
+    out = subprocess.run([sys.executable, "-c", code], env=clean, cwd=ROOT, capture_output=True, text=True, check=True)
+    expected = "egl" if envs._nvidia_gpu_present() else "osmesa"
+    assert out.stdout.split() == [expected, expected, "False"]
+    out = subprocess.run([sys.executable, "-c", code], env={**clean, "MUJOCO_GL": "egl"}, cwd=ROOT,
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["egl", "egl", "False"]  # an explicit choice wins
+
+
+@pytest.mark.parametrize("backend, package", [("osmesa", "libosmesa6"), ("egl", "libegl1")])
+def test_missing_gl_library_names_the_debian_package(monkeypatch, backend, package):
+    import mujoco
+
+    def no_gl(*args, **kwargs):
+        raise ImportError("Unable to load OpenGL library")
+
+    monkeypatch.setattr(mujoco, "Renderer", no_gl)
+    monkeypatch.setenv("MUJOCO_GL", backend)
+    with pytest.raises(envs.EnvError, match=f"apt-get install -y {package}"):
+        envs.make_env("dmc:walker_walk")
+
+
+def test_default_episode_lengths():
+    for name, repeat in [("metaworld:window-close", 1), ("robodesk:open_slide", 1), ("dmc:walker_walk", 2)]:
+        with envs.make_env(name, render="fast") as env:
+            assert (env.max_steps, env.action_repeat) == (500, repeat), name
+
+
+# -- Meta-World
+
+
+def test_metaworld_episode():
+    with envs.make_env("metaworld:window-close", max_steps=4) as env:
+        assert (env.name, env.action_size, env.render, env.has_success) == ("metaworld:window-close", 4, "default", True)
+        observations = play(env)
+        check_observations(env, observations, (0.0, 10.0))
+        with pytest.raises(RuntimeError, match="reset"):
+            env.step(np.zeros(4))
+        env.reset()
+        with pytest.raises(ValueError, match=r"expected \(4,\)"):
+            env.step(np.zeros(5))
+        assert env.step(np.full(4, 7.0))["image"].shape == (64, 64, 3)  # out-of-range actions are clipped
+
+
+@pytest.mark.parametrize("render", envs.RENDERS)
+def test_metaworld_image_is_upright(render):
+    # Checked by eye on a saved PNG: upright, the wooden table fills the lower
+    # left and the plain grey backdrop the upper left. The renderer's raw corner
+    # view is upside down, with the red arm where the table should be.
+    for seed in range(2):
+        with envs.make_env("metaworld:window-close", seed=seed, render=render, max_steps=1) as env:
+            image = env.reset()["image"].astype(int)
+        red, green, blue = image[42:50, 6:20].reshape(-1, 3).mean(0)
+        assert red > green + 10 and green > blue + 8 and red - green < 40, "lower left is not the wooden table"
+        backdrop = image[2:10, 2:20].reshape(-1, 3).mean(0)
+        assert backdrop.max() - backdrop.min() < 10 and backdrop.mean() > 110, "upper left is not the grey backdrop"
+
+
+def test_metaworld_success_comes_from_the_task_not_the_time_limit():
+    with envs.make_env("metaworld:window-close", render="fast", max_steps=200) as env:
+        obs = env.reset()
+        while not obs["success"] and not obs["is_last"]:
+            obs = env.step(env.expert_action())
+        assert obs["success"] and not obs["is_last"]
+    with envs.make_env("metaworld:window-close", render="fast", max_steps=3) as env:
+        observations = play(env)
+        assert observations[-1]["is_last"] and not any(obs["success"] for obs in observations)
+
+
+def test_metaworld_seeding():
+    def first_images(seed):
+        with envs.make_env("metaworld:window-close", seed=seed, render="fast", max_steps=3) as env:
+            goals = []
+            images = []
+            for _ in range(2):
+                images += [obs["image"] for obs in play(env, np.random.default_rng(1))]
+                goals.append(env._sim._target_pos.copy())
+            return np.stack(images), goals
+
+    images_a, goals_a = first_images(0)
+    images_b, goals_b = first_images(0)
+    images_c, goals_c = first_images(1)
+    assert np.array_equal(images_a, images_b)
+    assert not np.allclose(goals_a[0], goals_c[0])  # different seeds, different initial goals
+    assert not np.allclose(goals_a[0], goals_a[1])  # and a new goal at every reset
+
+
+# -- RoboDesk
+
+
+def test_robodesk_episode():
+    with envs.make_env("robodesk:open_slide", render="fast", max_steps=3) as env:
+        assert (env.action_size, env.action_repeat, env.has_success) == (5, 1, True)
+        check_observations(env, play(env), (0.0, 1.0))
+
+
+def test_robodesk_default_look_is_the_packages_own_render():
+    with envs.make_env("robodesk:open_slide", max_steps=2) as env, \
+            envs.make_env("robodesk:open_slide", render="fast", max_steps=2) as fast:
+        assert np.array_equal(env.reset()["image"], env._sim.render())  # bit-identical
+        assert np.array_equal(env.step(np.full(5, 0.5))["image"], env._sim.render())
+        assert not np.array_equal(env.reset()["image"], fast.reset()["image"])  # fast changes the look
+
+
+def test_robodesk_success_is_the_tasks_own_function():
+    with envs.make_env("robodesk:open_slide", render="fast", max_steps=5) as env:
+        assert not env.reset()["success"]
+        env._sim.physics.named.data.qpos["slide_joint"] = 0.6  # the slide fully open
+        obs = env.step(np.zeros(5))
+        assert obs["success"] and not obs["is_last"]
+
+
+def test_robodesk_keeps_positions_at_reset():
+    with envs.make_env("robodesk:upright_block_off_table", render="fast", max_steps=3) as env:
+        env.reset()
+        xpos = env._sim.physics.named.data.xpos
+        at_reset = {key: xpos[key].copy() for key in ("ball", "upright_block", "flat_block")}
+        env.step(np.array([0.0, 0.0, -1.0, 0.0, 0.0]))
+        for key, position in env._sim.original_pos.items():
+            assert not np.shares_memory(position, env._sim.physics.data.xpos)
+            assert np.array_equal(position, at_reset[key])
+
+
+def test_robodesk_seeding_leaves_the_global_rng_alone():
+    np.random.seed(7)
+    expected = np.random.random(3)
+    np.random.seed(7)
+    np.random.random()
+    with envs.make_env("robodesk:open_slide", seed=0, render="fast", max_steps=1) as a, \
+            envs.make_env("robodesk:open_slide", seed=0, render="fast", max_steps=1) as b, \
+            envs.make_env("robodesk:open_slide", seed=1, render="fast", max_steps=1) as c:
+        first_a = a.reset()["image"]
+        second_a = a.reset()["image"]
+        first_b = b.reset()["image"]  # interleaved resets of another env do not shift the stream
+        first_c = c.reset()["image"]
+    assert np.array_equal(np.random.random(2), expected[1:])
+    assert np.array_equal(first_a, first_b)
+    assert not np.array_equal(first_a, second_a)
+    assert not np.array_equal(first_a, first_c)
+
+
+def test_creating_and_closing_ten_robodesk_envs_finishes():
+    # Each env also renders through the package (dm_control GL contexts), the
+    # case that deadlocks at garbage collection unless close() frees the physics.
+    code = ("import gc, numpy as np, envs\n"
+            "for i in range(10):\n"
+            "    env = envs.make_env('robodesk:open_slide', seed=i, render='fast', max_steps=2)\n"
+            "    env.reset(); env.step(np.zeros(5)); env._sim.render()\n"
+            "    env.close(); env.close(); del env; gc.collect()\n"
+            "print('done')\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=150)
+    assert out.returncode == 0 and out.stdout.strip() == "done", out.stderr[-2000:]
+
+
+# -- DeepMind Control
+
+
+def test_dmc_episode():
+    with envs.make_env("dmc:walker_walk", max_steps=5) as env:
+        assert (env.action_size, env.action_repeat, env.has_success) == (6, 2, False)
+        check_observations(env, play(env), (0.0, 2.0))
+
+
+def test_dmc_seeding():
+    def images(seed):
+        with envs.make_env("dmc:cheetah_run", seed=seed, max_steps=3) as env:
+            return np.stack([obs["image"] for obs in play(env)])
+
+    assert np.array_equal(images(0), images(0))
+    assert not np.array_equal(images(0), images(1))
+
+
+def _relative_rotation_degrees(stock_quat, modified_quat):
+    """Angle and axis of the rotation taking the stock camera frame to the modified one."""
+    import mujoco
+
+    inverse, relative = np.zeros(4), np.zeros(4)
+    mujoco.mju_negQuat(inverse, stock_quat)
+    mujoco.mju_mulQuat(relative, inverse, modified_quat)
+    relative *= np.sign(relative[0])
+    angle = np.degrees(2 * np.arctan2(np.linalg.norm(relative[1:]), relative[0]))
+    return angle, relative[1:] / max(np.linalg.norm(relative[1:]), 1e-12)
+
+
+@pytest.mark.parametrize("variant", DMC_VARIANTS)
+def test_modified_dmc_task(variant):
+    domain, change = variant.split("_")
+    stock_name = {"walker": "dmc:walker_walk", "cheetah": "dmc:cheetah_run"}[domain]
+    with envs.make_env(stock_name, max_steps=6) as stock, envs.make_env(f"dmc:{variant}", max_steps=6) as modified:
+        s, m = stock._sim.physics, modified._sim.physics
+        assert modified.action_size == stock.action_size == 6
+        floor = {"walker": "floor", "cheetah": "ground"}[domain]
+        assert m.named.model.geom_size[floor][0] == 1000 and s.named.model.geom_size[floor][0] < 1000
+        stock_camera, camera = s.model.cam_quat[0], m.model.cam_quat[0]
+        if change in ("uphill", "downhill"):
+            sign = -1 if change == "uphill" else 1
+            np.testing.assert_allclose(m.model.opt.gravity, [sign * 2.54, 0, -9.47])
+            assert abs(np.linalg.norm(m.model.opt.gravity) - 9.81) < 0.01  # same |g|, tilted 15 degrees
+            angle, axis = _relative_rotation_degrees(stock_camera, camera)
+            assert abs(angle - 15) < 0.01 and abs(axis[2] - sign) < 1e-6  # a roll about the view axis
+            assert m.model.id2name(0, "camera") == "side"  # the camera the images come from
+        else:
+            np.testing.assert_allclose(m.model.opt.gravity, s.model.opt.gravity)
+            np.testing.assert_allclose(camera, stock_camera)
+            foot = {"walker": "right_foot", "cheetah": "ffoot"}[domain]
+            np.testing.assert_allclose(m.named.model.geom_size[foot][:2], [0.001, 0.001])
+            assert s.named.model.geom_size[foot][0] > 0.01
+            assert m.model.nu == s.model.nu == 6  # the foot's actuator is kept
+        actions = np.random.default_rng(3).uniform(-1, 1, (6, 6))
+        stock_run, modified_run = play(stock, actions=actions), play(modified, actions=actions)
+        assert not np.allclose(s.data.qpos, m.data.qpos)  # same actions, different trajectory
+        assert not np.array_equal(stock_run[-1]["image"], modified_run[-1]["image"])
+
+
+# -- episodes on disk
+
+
+def test_episode_round_trip(tmp_path):
+    episode = synthetic_episode(7)
+    episode["success"] = np.arange(7) > 4
+    path = envs.save_episode(tmp_path, episode)
+    assert re.fullmatch(r"\d{8}T\d{6}-[0-9a-f]{32}-7\.npz", path.name)
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary file left behind
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # ordinary file permissions
+    loaded = envs.load_episode(path)
+    assert set(loaded) == set(episode)
+    for key, value in episode.items():
+        assert loaded[key].dtype == value.dtype and np.array_equal(loaded[key], value), key
+
+
+def test_failed_save_leaves_nothing(tmp_path, monkeypatch):
+    def crash(file, **arrays):
+        file.write(b"PK\x03\x04 half an episode")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(np, "savez_compressed", crash)
+    with pytest.raises(KeyboardInterrupt):
+        envs.save_episode(tmp_path, synthetic_episode(3))
+    assert list(tmp_path.iterdir()) == []
+
+
+def _drop(key):
+    return lambda episode: episode.pop(key)
+
+
+def _set(key, value):
+    return lambda episode: episode.__setitem__(key, value(episode[key]))
+
+
+@pytest.mark.parametrize("corrupt, message", [
+    (_drop("reward"), "missing key"),
+    (_drop("discount"), "missing key"),
+    (_set("image", lambda v: v[..., 0]), "image must be uint8"),
+    (_set("image", lambda v: v.astype(np.float32)), "image must be uint8"),
+    (_set("action", lambda v: v[:, 0]), "action must be float"),
+    (_set("reward", lambda v: v.astype(np.int64)), "reward must be float"),
+    (_set("is_last", lambda v: v.astype(np.float32)), "is_last must be bool"),
+    (_set("reward", lambda v: v[:-1]), "unequal lengths"),
+    (_set("is_first", lambda v: np.zeros_like(v)), "is_first"),
+    (_set("reward", lambda v: np.where(np.arange(len(v)) == 2, np.nan, v)), "reward contains NaN"),
+    (_set("action", lambda v: np.where(np.arange(v.size).reshape(v.shape) == 5, np.inf, v)), "action contains NaN"),
+])
+def test_load_episode_rejects_bad_files(tmp_path, corrupt, message):
+    episode = synthetic_episode(5)
+    corrupt(episode)
+    path = tmp_path / "bad.npz"
+    np.savez_compressed(path, **episode)
+    with pytest.raises(envs.DatasetError, match=re.escape(message)) as error:
+        envs.load_episode(path)
+    assert str(error.value).startswith(str(path))
+
+
+def test_load_episode_rejects_unreadable_files(tmp_path):
+    good = envs.save_episode(tmp_path, synthetic_episode(20))
+    truncated = tmp_path / "truncated.npz"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    text = tmp_path / "notes.npz"
+    text.write_text("not an episode")
+    for path in (truncated, text):
+        with pytest.raises(envs.DatasetError, match=re.escape(str(path))):
+            envs.load_episode(path)
+
+
+def test_vd4rl_shaped_episode_loads(tmp_path):
+    episode = synthetic_episode(6, action_size=6)
+    del episode["is_terminal"]
+    episode["discount"][-1] = 0.0
+    for key in ("is_first", "is_last"):
+        episode[key] = episode[key].astype(np.uint8)
+    np.savez_compressed(tmp_path / "20220109T012015-0123456789abcdef0123456789abcdef-999.npz", **episode)
+    (loaded,) = envs.load_dataset(tmp_path, action_size=6)
+    assert loaded["is_first"].dtype == loaded["is_terminal"].dtype == bool
+    assert loaded["is_terminal"].tolist() == [False] * 5 + [True]
+    assert len(loaded["reward"]) == 6  # from the arrays, not the file name
+
+
+def test_load_dataset_errors(tmp_path):
+    with pytest.raises(envs.DatasetError, match="no such folder"):
+        envs.load_dataset(tmp_path / "missing")
+    with pytest.raises(envs.DatasetError, match="no episodes"):
+        envs.load_dataset(tmp_path)
+    path = envs.save_episode(tmp_path, synthetic_episode(4, action_size=6))
+    with pytest.raises(envs.DatasetError, match=re.escape(f"{path}: action size 6, expected 4")):
+        envs.load_dataset(tmp_path, action_size=4)
+    with pytest.raises(envs.DatasetError, match="image size"):
+        envs.load_dataset(tmp_path, image_size=84)
+    (tmp_path / "broken.npz").write_bytes(b"junk")
+    with pytest.raises(envs.DatasetError, match="broken.npz"):
+        envs.load_dataset(tmp_path)
+
+
+def test_dataset_info_round_trip(tmp_path):
+    assert envs.read_dataset_info(tmp_path) is None
+    info = {"env": "robodesk:open_slide", "render": "fast", "policy": "random", "seed": 3,
+            "action_size": 5, "episodes": 2, "steps": 1000}
+    envs.write_dataset_info(tmp_path, info)
+    assert envs.read_dataset_info(tmp_path) == info
+    assert [p.name for p in tmp_path.iterdir()] == ["dataset.json"]
+    (tmp_path / "dataset.json").write_text("{broken")
+    with pytest.raises(envs.DatasetError, match="dataset.json"):
+        envs.read_dataset_info(tmp_path)
+
+
+# -- Replay
+
+
+def _numbered_replay(lengths, **kwargs):
+    """A replay whose rewards count the time steps of the whole stream."""
+    replay, start = envs.Replay(**kwargs), 0
+    for length in lengths:
+        replay.add(synthetic_episode(length, reward=np.arange(start, start + length)), save=False)
+        start += length
+    return replay
+
+
+def test_replay_windows_cross_into_the_next_episode():
+    lengths = (3, 7, 5)
+    replay = _numbered_replay(lengths)
+    total = sum(lengths)
+    assert (replay.num_steps, replay.num_episodes) == (total, 3)
+    batch = replay.sample(64, 12, np.random.default_rng(0))  # longer than every episode
+    assert batch["image"].shape == (64, 12, 64, 64, 3) and batch["image"].dtype == np.uint8
+    assert batch["action"].shape == (64, 12, 4) and batch["action"].dtype == np.float32
+    for key in ("reward", "discount", "is_first", "is_last", "is_terminal"):
+        assert batch[key].shape == (64, 12), key
+    episode_starts = {0, 3, 10}
+    for row in range(64):
+        steps = batch["reward"][row].astype(int)
+        assert np.array_equal(steps, (steps[0] + np.arange(12)) % total)  # one contiguous stream
+        assert batch["is_first"][row].tolist() == [int(s) in episode_starts for s in steps]  # seams marked
+    assert len(set(batch["reward"][:, 0].tolist())) > 5  # starts are spread
+
+
+def test_replay_memory_stays_flat():
+    replay = _numbered_replay([50] * 4)
+    rng = np.random.default_rng(0)
+    tracemalloc.start()
+    try:
+        replay.sample(8, 16, rng)
+        before = tracemalloc.get_traced_memory()[0]
+        for _ in range(300):
+            replay.sample(8, 16, rng)
+        after = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert after - before < 64 * 1024  # one batch is ~400 KB; 300 batches would be 120 MB
+
+
+def test_replay_capacity_saving_and_resume(tmp_path):
+    replay = envs.Replay(tmp_path, capacity=12)
+    for seed in range(4):
+        replay.add(synthetic_episode(5, seed=seed))
+    assert len(list(tmp_path.glob("*.npz"))) == 4  # all saved
+    assert (replay.num_episodes, replay.num_steps) == (2, 10)  # oldest dropped beyond 12 steps
+    resumed = envs.Replay(tmp_path, capacity=12)  # a restarted run gets the same newest episodes back
+    assert (resumed.num_episodes, resumed.num_steps) == (2, 10)
+    batch = resumed.sample(16, 5, np.random.default_rng(0))
+    newest = {e["image"][0].tobytes() for e in replay._episodes}
+    assert {image.tobytes() for image in batch["image"][batch["is_first"]]} <= newest
+    assert envs.Replay(tmp_path / "new").num_steps == 0
+    with pytest.raises(envs.DatasetError, match="action shape"):
+        resumed.add(synthetic_episode(5, action_size=6), save=False)
+    with pytest.raises(ValueError, match="directory"):
+        envs.Replay().add(synthetic_episode(5))
+
+
+# -- collect and the command line
+
+
+def test_collect_scripted_metaworld(tmp_path):
+    summary = envs.collect("metaworld:window-close", "scripted", 2, tmp_path / "data", seed=1,
+                           render="fast", max_steps=30)
+    assert summary["episodes"] == 2 and summary["steps"] == 60
+    assert summary["min_return"] <= summary["mean_return"] <= summary["max_return"]
+    assert 0.0 <= summary["success_rate"] <= 1.0
+    info = envs.read_dataset_info(tmp_path / "data")
+    assert (info["env"], info["render"], info["policy"], info["seed"]) == ("metaworld:window-close", "fast", "scripted", 1)
+    assert (info["action_size"], info["episodes"], info["steps"], info["epsilon"]) == (4, 2, 60, [0.5, 1.0])
+    episodes = envs.load_dataset(tmp_path / "data", action_size=4)
+    assert len(episodes) == 2 and all(len(e["reward"]) == 31 and e["success"].dtype == bool for e in episodes)
+    assert np.isclose(sum(e["reward"].sum() for e in episodes) / 2, summary["mean_return"])
+
+
+def test_collect_epsilon_spreads_returns_from_expert_to_random(tmp_path):
+    expert = envs.collect("metaworld:window-close", "scripted", 1, tmp_path / "expert", render="fast",
+                          max_steps=120, epsilon=(0.0, 0.0))
+    noisy = envs.collect("metaworld:window-close", "scripted", 1, tmp_path / "random", render="fast",
+                         max_steps=120, epsilon=(1.0, 1.0))
+    assert expert["success_rate"] == 1.0 and noisy["success_rate"] == 0.0
+    assert expert["mean_return"] > 2 * noisy["mean_return"]
+
+
+def test_collect_rejects_bad_requests(tmp_path):
+    with pytest.raises(envs.EnvError, match="Meta-World"):
+        envs.collect("dmc:walker_walk", "scripted", 1, tmp_path / "a")
+    with pytest.raises(envs.EnvError, match="policy"):
+        envs.collect("dmc:walker_walk", "expert", 1, tmp_path / "b")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "old.npz").write_bytes(b"")
+    with pytest.raises(envs.DatasetError, match="not empty"):
+        envs.collect("dmc:walker_walk", "random", 1, tmp_path / "full")
+
+
+def test_cli_collect(tmp_path):
+    out = run_envs_cli("collect", "--env", "dmc:walker_walk", "--policy", "random", "--episodes", "2",
+                       "--out", str(tmp_path / "d"), "--render", "fast", "--max-steps", "3", "--seed", "4")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout.strip().splitlines()[-1])["steps"] == 6
+    info = envs.read_dataset_info(tmp_path / "d")
+    assert (info["render"], info["seed"], info["max_steps"], info["action_size"]) == ("fast", 4, 3, 6)
+    assert len(envs.load_dataset(tmp_path / "d", action_size=6)) == 2
+
+
+@pytest.mark.parametrize("args, message", [
+    (["collect", "--env", "nope:x", "--policy", "random", "--episodes", "1", "--out", "OUT"], "unknown environment"),
+    (["collect", "--env", "dmc:walker_walk", "--policy", "scripted", "--episodes", "1", "--out", "OUT"], "Meta-World"),
+    (["collect", "--env", "dmc:walker_walk", "--policy", "random", "--episodes", "0", "--out", "OUT"], "--episodes"),
+    (["bench", "--steps", "many"], "--steps"),
+    ([], "required"),
+])
+def test_cli_bad_input_is_one_line_and_exit_code_2(tmp_path, args, message):
+    out = run_envs_cli(*[str(tmp_path / "out") if a == "OUT" else a for a in args])
+    assert out.returncode == 2
+    assert len(out.stderr.strip().splitlines()) == 1 and message in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr
+
+
+@pytest.mark.slow
+def test_cli_bench_prints_a_rate_per_task_and_render():
+    out = run_envs_cli("bench", "--steps", "3")
+    assert out.returncode == 0, out.stderr
+    rows = [line.split() for line in out.stdout.strip().splitlines()]
+    assert [(row[0], row[1]) for row in rows] == [(name, render) for name in envs.BENCH_ENVS for render in envs.RENDERS]
+    assert all(float(row[2]) > 0 and row[3] == "steps/s" for row in rows)
+
+
+# ---- The DreamerV2 agent (coworld.py sections 1-5, 7) ----
+
+
+def small_cfg(**overrides):
+    values = {**C.PRESETS["small"], "device": "cpu", "precision": "float32", "beta2": 1.0, "k": 0.3,
+              "alpha": 2.0, "K2": 10, "rounds": 1, "pretrain_steps": 10, "batch_size": 3, "seq_len": 6}
+    values.update(overrides)
+    return dataclasses.replace(C.Config(), **values)
+
+
+def fake_batch(cfg, action_size, B=None, T=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    B, T = B or cfg.batch_size, T or cfg.seq_len
+    is_first = torch.zeros(B, T, dtype=torch.bool)
+    is_first[:, 0] = True
+    return {"image": torch.randint(0, 256, (B, T, 64, 64, 3), dtype=torch.uint8, generator=g),
+            "action": torch.rand(B, T, action_size, generator=g) * 2 - 1,
+            "reward": torch.rand(B, T, generator=g), "is_first": is_first,
+            "is_terminal": torch.zeros(B, T, dtype=torch.bool)}
+
+
+def params_of(module):
+    return [p.detach().clone() for p in module.parameters()]
+
+
+def changed(before, module):
+    return any(not torch.equal(a, b) for a, b in zip(before, module.parameters()))
+
+
+def test_lambda_return_matches_a_plain_loop_of_eq8():
+    torch.manual_seed(0)
+    H, N, lam = 15, 4, 0.95
+    reward, discount, value = torch.randn(H, N), torch.rand(H, N), torch.randn(H + 1, N)
+    expected = torch.zeros(H, N)
+    for n in range(N):
+        V_next = value[H, n]  # V_H = v(z_H)
+        for t in reversed(range(H)):
+            V_next = reward[t, n] + discount[t, n] * ((1 - lam) * value[t + 1, n] + lam * V_next)
+            expected[t, n] = V_next
+    got = C.lambda_return(reward, value, discount, lam)
+    torch.testing.assert_close(got, expected)
+    # The last return bootstraps from v(z_H); a reversed-in-time result would not match the first entry.
+    torch.testing.assert_close(got[-1], reward[-1] + discount[-1] * value[-1])
+    assert not torch.allclose(got.flip(0), expected)
+
+
+def test_lambda_return_with_lambda_zero_and_one():
+    torch.manual_seed(1)
+    H, N = 5, 3
+    reward, discount, value = torch.randn(H, N), torch.full((H, N), 0.9), torch.randn(H + 1, N)
+    torch.testing.assert_close(C.lambda_return(reward, value, discount, 0.0), reward + 0.9 * value[1:])
+    monte_carlo = sum(0.9 ** t * reward[t] for t in range(H)) + 0.9 ** H * value[H]
+    torch.testing.assert_close(C.lambda_return(reward, value, discount, 1.0)[0], monte_carlo)
+
+
+def test_kl_balancing_value_and_gradient_sides():
+    torch.manual_seed(0)
+    post = torch.randn(1, 4, 3, 32, 32, requires_grad=True)
+    prior = torch.randn(1, 4, 3, 32, 32, requires_grad=True)
+    loss, kl = C.kl_loss(post, prior, balance=0.8, free=1.0)
+    q, p = post.log_softmax(-1), prior.log_softmax(-1)
+    kl_ref = (q.exp() * (q - p)).sum((-2, -1)).mean()
+    assert kl_ref > 1.0  # above the free nats, so both sides are active
+    torch.testing.assert_close(loss, kl_ref)  # both sides have the same value
+    torch.testing.assert_close(kl, kl_ref.detach())
+    loss.backward()
+    # Each side gets gradient only through its own KL: prior 0.8 of it, posterior 0.2 of it.
+    post_ref, prior_ref = post.detach().clone().requires_grad_(), prior.detach().clone().requires_grad_()
+    q, p = post_ref.log_softmax(-1), prior_ref.log_softmax(-1)
+    (q.exp() * (q - p)).sum((-2, -1)).mean().backward()
+    torch.testing.assert_close(prior.grad, 0.8 * prior_ref.grad)
+    torch.testing.assert_close(post.grad, 0.2 * post_ref.grad)
+
+
+def test_free_nats_clip_each_side():
+    logits = torch.randn(1, 2, 4, 8, 8)
+    post = logits.clone().requires_grad_()
+    prior = (logits + 0.01 * torch.randn_like(logits)).requires_grad_()
+    loss, kl = C.kl_loss(post, prior, balance=0.8, free=1.0)
+    assert kl < 1.0 and loss.item() == pytest.approx(1.0)
+    loss.backward()
+    assert post.grad.abs().max() == 0 and prior.grad.abs().max() == 0
+
+
+def test_straight_through_samples_are_one_hot_and_carry_gradient():
+    logits = torch.randn(64, 32, 32, requires_grad=True)
+    sample = C.straight_through_sample(logits)
+    hard = sample.detach()
+    torch.testing.assert_close(hard.sum(-1), torch.ones(64, 32))
+    assert set(hard.round().unique().tolist()) <= {0.0, 1.0}
+    (sample * torch.randn_like(sample)).sum().backward()
+    assert logits.grad is not None and logits.grad.abs().sum() > 0
+
+
+def test_straight_through_samples_follow_the_probabilities():
+    logits = torch.log(torch.tensor([0.7, 0.2, 0.1])).expand(20000, 1, 3)
+    freq = C.straight_through_sample(logits).detach().mean((0, 1))
+    torch.testing.assert_close(freq, torch.tensor([0.7, 0.2, 0.1]), atol=0.02, rtol=0)
+
+
+def test_truncated_normal_stays_in_range_and_is_normalised():
+    loc, scale = torch.tensor([[0.9], [-0.3], [0.0]]), torch.tensor([[0.5], [2.0], [0.1]])
+    dist = C.TruncatedNormal(loc, scale)
+    samples = torch.stack([dist.rsample() for _ in range(2000)])
+    assert samples.min() >= -1 and samples.max() <= 1
+    xs = torch.linspace(-1, 1, 20001)[:, None, None].expand(-1, 3, 1)
+    density = dist.log_prob(xs).exp()  # (X, 3)
+    mass = torch.trapezoid(density, dx=2 / 20000, dim=0)
+    torch.testing.assert_close(mass, torch.ones(3), atol=1e-3, rtol=0)
+    entropy = -torch.trapezoid(density * dist.log_prob(xs), dx=2 / 20000, dim=0)
+    torch.testing.assert_close(dist.entropy(), entropy, atol=1e-3, rtol=0)
+    # Samples follow the truncated law: compare the sample mean with the numerical mean.
+    mean = torch.trapezoid(density * xs[..., 0], dx=2 / 20000, dim=0)
+    torch.testing.assert_close(samples.mean(0)[:, 0], mean, atol=0.05, rtol=0)
+
+
+def test_truncated_normal_reparameterised_gradient():
+    loc = torch.zeros(1000, 1, requires_grad=True)
+    dist = C.TruncatedNormal(loc, torch.full((1000, 1), 0.3))
+    dist.rsample().sum().backward()
+    assert loc.grad.abs().mean() > 0.5  # d sample / d loc is about 1 away from the bounds
+
+
+@pytest.mark.parametrize("preset", ["small", "paper"])
+def test_module_shapes(preset):
+    cfg = dataclasses.replace(C.Config(), **C.PRESETS[preset], device="cpu", precision="float32")
+    A, B, T = 5, 2, 3
+    agent = C.Agent(cfg, A)
+    batch = fake_batch(cfg, A, B, T)
+    embed = agent.wm.encoder(batch["image"])
+    assert embed.shape == (B, T, 32 * cfg.cnn_depth)
+    feat, (h, z), post, prior, _ = agent.wm.observe(batch)
+    S, K = cfg.stoch, cfg.classes
+    assert feat.shape == (B, T, S * K + cfg.deter) and h.shape == (B, T, cfg.deter) and z.shape == (B, T, S * K)
+    assert post.shape == (B, T, S, K) and prior.shape == (1, B, T, S, K)
+    assert agent.wm.decoder(feat).shape == (B, T, 64, 64, 3)
+    assert agent.wm.reward(feat).shape == (B, T, 1) and agent.critic(feat).shape == (B, T, 1)
+    assert agent.actor(feat).rsample().shape == (B, T, A)
+    feats, hs, log_prob, entropy = C.imagine(agent.wm, agent.actor, h.flatten(0, 1), z.flatten(0, 1), cfg.horizon)
+    assert feats.shape == (cfg.horizon + 1, B * T, S * K + cfg.deter) and log_prob.shape == (cfg.horizon, B * T)
+
+
+def test_gru_cell_is_dreamerv2s():
+    cell = C.GRUCell(3, 4)
+    x, h = torch.randn(2, 3), torch.randn(2, 4)
+    parts = torch.nn.functional.layer_norm(torch.cat([x, h], -1) @ cell.layer.weight.T, (12,), cell.norm.weight,
+                                           cell.norm.bias, eps=1e-3)
+    reset, cand, update = parts[:, :4].sigmoid(), parts[:, 4:8], (parts[:, 8:] - 1).sigmoid()
+    expected = update * torch.tanh(reset * cand) + (1 - update) * h
+    torch.testing.assert_close(cell(x, h), expected)
+
+
+def test_is_first_resets_the_state():
+    cfg = small_cfg()
+    agent = C.Agent(cfg, 4)
+    batch = fake_batch(cfg, 4, B=2, T=4)
+    batch["is_first"][:] = True
+    h, z, _, _ = agent.wm.rssm.observe(agent.wm.encoder(batch["image"]), batch["action"], batch["is_first"])
+    # With every step a first step, each h comes from the zero state with a zero action.
+    h0 = agent.wm.rssm.transition(*agent.wm.rssm.initial(2, "cpu"), torch.zeros(2, 4))
+    for t in range(4):
+        torch.testing.assert_close(h[:, t], h0)
+
+
+def test_one_update_changes_what_it_should():
+    cfg = small_cfg()
+    target, source = C.Agent(cfg, 5).build_optimisers(), C.Agent(cfg, 5).build_optimisers()
+    before = {name: params_of(m) for name, m in
+              [("wm", target.wm), ("actor", target.actor), ("critic", target.critic), ("source", source)]}
+    slow = params_of(target.slow_critic)
+    metrics, ok = C.target_update(target, fake_batch(cfg, 5), cfg, [source])
+    assert ok
+    assert changed(before["wm"], target.wm) and changed(before["actor"], target.actor)
+    assert changed(before["critic"], target.critic)
+    assert not changed(before["source"], source)  # Stage A and C never train the source
+    # DreamerV2 copies the critic into the slow critic after update 0, then every 100 updates.
+    assert changed(slow, target.slow_critic)
+    assert all(torch.equal(a, b) for a, b in zip(target.slow_critic.parameters(), target.critic.parameters()))
+    slow = params_of(target.slow_critic)
+    C.target_update(target, fake_batch(cfg, 5, seed=1), cfg, [source])
+    assert not changed(slow, target.slow_critic) and changed(slow, target.critic)
+
+
+def test_actor_update_leaves_world_model_and_critic_alone():
+    cfg = small_cfg()
+    agent = C.Agent(cfg, 5).build_optimisers()
+    batch = fake_batch(cfg, 5)
+    _, _, (h, z), _ = C.world_model_loss(agent.wm, batch, cfg)
+    losses, _ = C.behaviour_losses(agent, h, z, batch["is_terminal"], cfg)
+    wm, critic, actor = params_of(agent.wm), params_of(agent.critic), params_of(agent.actor)
+    agent.backward("actor", losses["actor"])
+    _, ok = agent.step()
+    assert ok and changed(actor, agent.actor)
+    assert not changed(wm, agent.wm) and not changed(critic, agent.critic)
+
+
+def test_world_model_update_leaves_actor_and_critic_alone():
+    cfg = small_cfg()
+    agent = C.Agent(cfg, 5).build_optimisers()
+    loss, _, _, _ = C.world_model_loss(agent.wm, fake_batch(cfg, 5), cfg)
+    wm, critic, actor = params_of(agent.wm), params_of(agent.critic), params_of(agent.actor)
+    agent.backward("model", loss)
+    agent.step()
+    assert changed(wm, agent.wm) and not changed(actor, agent.actor) and not changed(critic, agent.critic)
+
+
+def test_non_finite_loss_skips_the_update():
+    cfg = small_cfg()
+    agent = C.Agent(cfg, 5).build_optimisers()
+    loss, _, _, _ = C.world_model_loss(agent.wm, fake_batch(cfg, 5), cfg)
+    wm = params_of(agent.wm)
+    agent.backward("model", loss * float("nan"))
+    _, ok = agent.step()
+    assert not ok and agent.bad_updates == 1 and not changed(wm, agent.wm) and agent.updates == 0
+
+
+# ---- The CoWorld stages (coworld.py sections 3-6) ----
+
+def test_state_alignment_is_zero_for_equal_encoders_and_trains_only_the_target():
+    cfg = small_cfg()
+    source, target = C.Agent(cfg, 5), C.Agent(cfg, 5)
+    target.wm.encoder.load_state_dict(source.wm.encoder.state_dict())
+    image = fake_batch(cfg, 5)["image"]
+    e_source, e_target = source.wm.encoder(image), target.wm.encoder(image)
+    assert C.state_alignment(e_source, e_target).mean().item() == pytest.approx(0.0, abs=1e-6)
+    other = C.Agent(dataclasses.replace(cfg, seed=1), 5)
+    e_other = other.wm.encoder(image)
+    loss = C.state_alignment(e_source, e_other).mean()
+    assert loss.item() > 0
+    loss.backward()
+    assert all(p.grad is None for p in source.wm.encoder.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in other.wm.encoder.parameters())
+
+
+def test_state_alignment_matches_a_hand_computed_kl_and_is_a_mean_over_frames():
+    e_s = torch.tensor([[1.0, 0.0, 0.0]])
+    e_t = torch.tensor([[0.0, 0.0, 1.0]])
+    p = torch.tensor([math.e, 1, 1]) / (math.e + 2)
+    q = torch.tensor([1, 1, math.e]) / (math.e + 2)
+    expected = float((p * (p / q).log()).sum())
+    assert C.state_alignment(e_s, e_t).item() == pytest.approx(expected, rel=1e-5)
+    # Repeating frames (a longer sequence) leaves the mean unchanged.
+    assert C.state_alignment(e_s.expand(50, 3), e_t.expand(50, 3)).mean().item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_eq4_relabelled_reward_by_hand():
+    r_source, r_target = torch.tensor([2.0, 0.0, 10.0]), torch.tensor([1.0, 0.5, 0.0])
+    torch.testing.assert_close(C.relabel_reward(r_source, r_target, 0.3), torch.tensor([1.7, 0.15, 7.0]))
+    torch.testing.assert_close(C.relabel_reward(r_source, r_target, 1.0), r_target)
+    r_pred = r_source.clone().requires_grad_()
+    assert not C.relabel_reward(r_pred, r_target, 0.3).requires_grad  # sg() on the source prediction
+
+
+def test_eq5_eta_schedule_and_mix():
+    assert C.eta_schedule(0, 1000) == pytest.approx(1.0)
+    assert C.eta_schedule(500, 1000) == pytest.approx(0.55)
+    assert C.eta_schedule(1000, 1000) == pytest.approx(0.1)
+    assert C.eta_schedule(5000, 1000) == pytest.approx(0.1)
+    assert C.reward_alignment_loss(torch.tensor(2.0), torch.tensor(4.0), 0.25).item() == pytest.approx(3.5)
+
+
+def test_source_update_uses_eta_and_relabelled_target_reward():
+    cfg = small_cfg()
+    source = C.Agent(cfg, 5).build_optimisers()
+    metrics, ok = C.source_update(source, fake_batch(cfg, 5), cfg, fake_batch(cfg, 5, seed=1), eta=0.4)
+    assert ok and float(metrics["eta"]) == pytest.approx(0.4)
+    expected = metrics["image_nll"] + 0.4 * metrics["reward_nll"] + metrics["discount_nll"] + metrics["kl_loss"] \
+        + 0.6 * metrics["relabelled_nll"]
+    assert float(metrics["model_loss"]) == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_eq6_gradient_of_the_min_max_constraint():
+    v = torch.tensor([[3.0, -1.0], [0.5, 2.0]], requires_grad=True)
+    v_source = torch.tensor([[1.0, 0.0], [1.0, 1.0]], requires_grad=True)
+    weight = torch.tensor([[1.0, 0.5], [0.25, 0.125]])
+    V = v.detach().clone()  # zero regression error isolates the constraint
+    alpha = 2.0
+    C.critic_loss(v, V, weight, v_source, alpha, "max").backward()
+    above = (v > v_source).float()
+    torch.testing.assert_close(v.grad, alpha * weight * above / v.numel())
+    assert v_source.grad is None  # the source critic never receives gradient
+    v.grad = None
+    C.critic_loss(v, V, weight, v_source, alpha, "linear").backward()
+    torch.testing.assert_close(v.grad, alpha * weight / v.numel())
+
+
+def test_eq6_value_regression_term():
+    v = torch.tensor([1.0, 2.0], requires_grad=True)
+    V = torch.tensor([0.0, 4.0])
+    loss = C.critic_loss(v, V, torch.ones(2))
+    assert loss.item() == pytest.approx((0.5 * 1 + 0.5 * 4) / 2)
+    loss.backward()
+    torch.testing.assert_close(v.grad, torch.tensor([0.5, -1.0]))
+
+
+def test_target_update_never_trains_the_source_critic():
+    cfg = small_cfg()
+    target, source = C.Agent(cfg, 5).build_optimisers(), C.Agent(cfg, 5).build_optimisers()
+    metrics, ok = C.target_update(target, fake_batch(cfg, 5), cfg, [source])
+    assert ok and all(p.grad is None for p in source.parameters())
+    assert 0.0 <= float(metrics["constraint_active"]) <= 1.0 and "source_value" in metrics
+
+
+def test_action_mapping_between_four_and_five_dimensions():
+    a4 = np.array([[0.1, -0.2, 0.3, -0.4]], np.float32)
+    a5 = C.pad_action(a4, 5)
+    assert a5.shape == (1, 5) and a5[0, 4] == 0 and np.array_equal(a5[:, :4], a4)
+    assert np.array_equal(C.pad_action(a5, 5), a5)
+    shared = np.array([0.5, 0.5, 0.5, 0.5, -1.0], np.float32)
+    assert np.array_equal(shared[:4], np.full(4, 0.5, np.float32))  # Meta-World uses the first four
+
+
+def test_multi_source_selection_picks_the_closest_encoder():
+    torch.manual_seed(0)
+    e_target = torch.randn(10, 8)
+    near = e_target + 0.01 * torch.randn(10, 8)
+    far = torch.randn(10, 8) * 3
+    omega, kls = C.select_source(torch.stack([far, near, -e_target]), e_target)
+    assert omega.tolist() == [0.0, 1.0, 0.0]
+    assert kls.argmin().item() == 1 and kls[1] < kls[0] and kls[1] < kls[2]
+
+
+def test_multi_source_update_counts_the_selection():
+    cfg = small_cfg()
+    target = C.Agent(cfg, 5).build_optimisers()
+    sources = [C.Agent(cfg, 5).build_optimisers() for _ in range(2)]
+    sources[1].wm.encoder.load_state_dict(target.wm.encoder.state_dict())  # identical encoder: KL 0
+    metrics, ok = C.target_update(target, fake_batch(cfg, 5), cfg, sources)
+    assert ok and metrics["omega"].tolist() == [0.0, 1.0]
+    assert float(metrics["domain_kl"]) == pytest.approx(0.0, abs=1e-6)
+
+
+# ---- Real short runs: the online DreamerV2 agent and the main command ----
+
+def tiny_flags(logdir, **overrides):
+    flags = {"preset": "small", "device": "cpu", "batch-size": 2, "seq-len": 8, "max-episode-steps": 20,
+             "prefill": 20, "train-every": 5, "eval-episodes": 1, "log-every": 1, "checkpoint-every": 1,
+             "logdir": str(logdir)}
+    flags.update(overrides)
+    return [item for key, value in flags.items() for item in (f"--{key}", str(value))]
+
+
+def test_online_run_writes_episodes_metrics_video_checkpoint_and_resumes(tmp_path, monkeypatch, capsys):
+    run = tmp_path / "run"
+    argv = ["online", "--env", "dmc:cartpole_balance", "--steps", "60", *tiny_flags(run)]
+
+    def interrupted(self):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(C.Run, "final_evaluation", interrupted)
+    assert C.main(argv) == 130  # stopped before evaluation, after the training phase was checkpointed
+    episodes = sorted((run / "replay").rglob("*.npz"))
+    assert len(episodes) == 3  # 60 steps of 20-step episodes
+    state = torch.load(run / "checkpoint.pt", weights_only=False)
+    assert state["progress"]["phase"] == 1 and state["sources"][0]["updates"] > 0
+    updates = state["sources"][0]["updates"]
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert C.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "Resuming" in out
+    assert sorted((run / "replay").rglob("*.npz")) == episodes  # nothing collected again
+    state = torch.load(run / "checkpoint.pt", weights_only=False)
+    assert state["sources"][0]["updates"] == updates
+    results = json.loads((run / "results.json").read_text())
+    assert results["eval"]["episodes"] == 1 and math.isfinite(results["eval"]["return_mean"])
+    assert (run / "videos" / "eval.mp4").stat().st_size > 0
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert any("source0/model_loss" in line for line in lines)
+    assert json.loads((run / "config.json").read_text())["source"] == ["dmc:cartpole_balance"]
+    assert list((run / "tb").iterdir())
+
+
+def test_main_command_end_to_end_and_resume(tmp_path, monkeypatch, capsys):
+    run = tmp_path / "run"
+    argv = ["--source", "metaworld:window-close", "--target", "robodesk:open_slide",
+            *tiny_flags(run, K1=3, K2=20, rounds=1, **{"pretrain-steps": 40, "target-episodes": 2,
+                                                       "data-dir": tmp_path / "data"})]
+    calls = []
+    original = C.Run.online_phase
+
+    def stop_after_pretraining(self, *args, **kwargs):
+        calls.append(args)
+        if len(calls) == 2:  # the online co-training phase: simulate a kill before it starts
+            raise KeyboardInterrupt
+        return original(self, *args, **kwargs)
+    monkeypatch.setattr(C.Run, "online_phase", stop_after_pretraining)
+    assert C.main(argv) == 130
+    state = torch.load(run / "checkpoint.pt", weights_only=False)
+    assert state["progress"]["phase"] == 2  # pretrain + offline round done
+    assert state["target"]["updates"] == 3
+    monkeypatch.undo()
+    assert C.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "Resuming" in out
+    results = json.loads((run / "results.json").read_text())
+    assert results["env"] == "robodesk:open_slide" and results["eval"]["episodes"] == 1
+    assert results["eval"]["success_rate"] in (0.0, 1.0)
+    assert "value_estimate" in results["eval"] and "true_value" in results["eval"]
+    state = torch.load(run / "checkpoint.pt", weights_only=False)
+    assert state["progress"]["online_steps"] == [20]
+    assert len(list((tmp_path / "data").glob("*/*.npz"))) == 2  # the default target dataset, cached
+
+
+@pytest.mark.parametrize("method", ["offline-dv2", "dv2-finetune"])
+def test_baselines_run(tmp_path, method):
+    run = tmp_path / method
+    argv = ["--source", "dmc:cartpole_balance", "--target", "dmc:cartpole_swingup", "--method", method,
+            *tiny_flags(run, K1=2, K2=10, rounds=1, ensemble=3, **{"pretrain-steps": 30, "target-episodes": 2,
+                                                                   "data-dir": tmp_path / "data"})]
+    assert C.main(argv) == 0
+    results = json.loads((run / "results.json").read_text())
+    assert results["method"] == method and math.isfinite(results["eval"]["return_mean"])
+
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@gpu
+@pytest.mark.gpu
+def test_gpu_bf16_updates():
+    cfg = dataclasses.replace(small_cfg(), device="cuda", precision="bf16")
+    target, source = (C.Agent(cfg, 5).cuda().build_optimisers() for _ in range(2))
+    batch = {k: v.cuda() for k, v in fake_batch(cfg, 5).items()}
+    for _ in range(3):
+        metrics, ok = C.target_update(target, batch, cfg, [source])
+        assert ok and math.isfinite(float(metrics["model_loss"]))
+        metrics, ok = C.source_update(source, batch, cfg, batch, eta=0.5)
+        assert ok and math.isfinite(float(metrics["model_loss"]))
+
+
+@gpu
+@pytest.mark.gpu
+def test_gpu_coworld_round(tmp_path):
+    run = tmp_path / "run"
+    argv = ["--source", "dmc:walker_walk", "--target", "dmc:walker_uphill",
+            *tiny_flags(run, device="cuda", precision="bf16", K1=3, K2=20, rounds=1,
+                        **{"pretrain-steps": 40, "target-episodes": 2, "data-dir": tmp_path / "data"})]
+    assert C.main(argv) == 0
+    assert json.loads((run / "results.json").read_text())["device"] == "cuda"
