@@ -22,6 +22,7 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
 import sys
 import threading
@@ -116,6 +117,7 @@ class Config:
     eval_random: bool = param(False, "also evaluate a uniform random policy")
     log_every: int = param(100, "updates between metric logs")
     checkpoint_every: int = param(2000, "updates between checkpoints")
+    max_bad_updates: int = param(20, "stop after this many non-finite updates in a row")
 
 
 # Table 7's per-suite columns, keyed by the target's family; the last three are per-environment.
@@ -129,7 +131,7 @@ SUITES = {
 PRESETS = {
     "paper": {},
     "small": dict(
-        batch_size=16, seq_len=32, stoch=16, classes=16, deter=200, hidden=200, cnn_depth=16,
+        batch_size=16, seq_len=16, stoch=16, classes=16, deter=200, hidden=200, cnn_depth=16,
         mlp_units=200, mlp_layers=2, K1=400, K2=2000, rounds=2, pretrain_steps=5000, prefill=1000,
         target_episodes=10, eval_episodes=3, render="fast", replay_capacity=200_000,
         log_every=25, checkpoint_every=250,
@@ -198,6 +200,16 @@ def validate(cfg: Config):
             raise ConfigError(message)
     for name in (*cfg.source, cfg.target):
         envs.check_env_name(name)
+    check_writable(cfg.logdir)
+
+
+def check_writable(folder):
+    """Fail before any work when the output folder cannot be created or written."""
+    existing = Path(folder).absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK):
+        raise ConfigError(f"cannot write {folder}: {existing} is not a writable folder")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -217,8 +229,6 @@ def build_parser(command):
     if command == "online":
         parser.add_argument("--env", help="the environment to train on online (DreamerV2)")
         parser.add_argument("--steps", type=int, help="environment steps (after action repeat)")
-    if command == "evaluate":
-        parser.add_argument("--checkpoint", help="checkpoint file (default: <logdir>/checkpoint.pt)")
     if command == "bench":
         parser.add_argument("--updates", type=int, help="timed updates per measurement (default 3)")
         parser.add_argument("--env-steps", type=int, help="environment steps per env benchmark (default 50)")
@@ -250,7 +260,7 @@ def parse_args(argv):
     argv = list(argv)
     command = argv.pop(0) if argv and argv[0] in COMMANDS else "train"
     given = vars(build_parser(command).parse_args(argv))
-    extra = {key: given.pop(key) for key in ("env", "steps", "checkpoint", "updates", "env_steps") if key in given}
+    extra = {key: given.pop(key) for key in ("env", "steps", "updates", "env_steps") if key in given}
     if "env" in extra:
         given["source"] = (extra["env"],)
     if "steps" in extra:
@@ -277,6 +287,11 @@ def preprocess(image):
     return image.float() / 255.0 - 0.5
 
 
+def elu():
+    """ELU in place: its backward needs only its output, so the pre-activation is not kept (half the memory)."""
+    return nn.ELU(inplace=True)
+
+
 class Encoder(nn.Module):
     """Image encoding e_t = e_phi(o_t) (Eq. 1): four 4x4 stride-2 convolutions, 64 -> 31 -> 14 -> 6 -> 2."""
 
@@ -284,7 +299,7 @@ class Encoder(nn.Module):
         super().__init__()
         layers, channels = [], 3
         for i in range(4):
-            layers += [nn.Conv2d(channels, depth * 2 ** i, 4, 2), nn.ELU()]
+            layers += [nn.Conv2d(channels, depth * 2 ** i, 4, 2), elu()]
             channels = depth * 2 ** i
         self.net = nn.Sequential(*layers)
         self.out_dim = 32 * depth
@@ -304,9 +319,9 @@ class Decoder(nn.Module):
         self.depth = depth
         self.fc = nn.Linear(feat_dim, 32 * depth)
         self.net = nn.Sequential(
-            nn.ConvTranspose2d(32 * depth, 4 * depth, 5, 2), nn.ELU(),
-            nn.ConvTranspose2d(4 * depth, 2 * depth, 5, 2), nn.ELU(),
-            nn.ConvTranspose2d(2 * depth, depth, 6, 2), nn.ELU(),
+            nn.ConvTranspose2d(32 * depth, 4 * depth, 5, 2), elu(),
+            nn.ConvTranspose2d(4 * depth, 2 * depth, 5, 2), elu(),
+            nn.ConvTranspose2d(2 * depth, depth, 6, 2), elu(),
             nn.ConvTranspose2d(depth, 3, 6, 2))
 
     def forward(self, feat):  # (..., F) -> image mean (..., 64, 64, 3)
@@ -320,7 +335,7 @@ def mlp(inp, out, units, layers):
     """The ELU MLP used for the reward, discount, actor and critic heads."""
     parts, size = [], inp
     for _ in range(layers):
-        parts += [nn.Linear(size, units), nn.ELU()]
+        parts += [nn.Linear(size, units), elu()]
         size = units
     return nn.Sequential(*parts, nn.Linear(size, out))
 
@@ -363,12 +378,12 @@ class RSSM(nn.Module):
     def __init__(self, action_size, embed_dim, stoch, classes, deter, hidden, ensemble=1):
         super().__init__()
         self.stoch, self.classes, self.deter = stoch, classes, deter
-        self.img_in = nn.Sequential(nn.Linear(stoch * classes + action_size, hidden), nn.ELU())
+        self.img_in = nn.Sequential(nn.Linear(stoch * classes + action_size, hidden), elu())
         self.gru = GRUCell(hidden, deter)
         self.priors = nn.ModuleList(
-            nn.Sequential(nn.Linear(deter, hidden), nn.ELU(), nn.Linear(hidden, stoch * classes))
+            nn.Sequential(nn.Linear(deter, hidden), elu(), nn.Linear(hidden, stoch * classes))
             for _ in range(ensemble))
-        self.posterior = nn.Sequential(nn.Linear(deter + embed_dim, hidden), nn.ELU(),
+        self.posterior = nn.Sequential(nn.Linear(deter + embed_dim, hidden), elu(),
                                        nn.Linear(hidden, stoch * classes))
 
     def initial(self, batch, device):
@@ -511,10 +526,10 @@ def kl_loss(post, prior, balance, free):
     return loss, prior_side.detach()
 
 
-def world_model_loss(wm, batch, cfg, reward_weight=1.0):
+def world_model_loss(wm, batch, cfg, reward_term=None):
     """Eq. (2): -ln p(o|h,z) - ln r(r|h,z) - ln p(gamma|h,z) + beta1 KL[q || p], averaged over (B, T).
 
-    reward_weight is eta for the source model: the first term of Eq. (5) replaces the reward term.
+    reward_term maps the reward NLL to the loss's reward term: the source model passes Eq. (5).
     Returns the loss, its terms, the posterior states (h, z) and the embedding e(o).
     """
     feat, state, post, prior, embed = wm.observe(batch)
@@ -525,8 +540,8 @@ def world_model_loss(wm, batch, cfg, reward_weight=1.0):
             wm.discount(feat).squeeze(-1).float(), cfg.gamma * (1.0 - batch["is_terminal"].float())),
     }
     terms["kl_loss"], terms["kl"] = kl_loss(post.unsqueeze(0), prior, cfg.kl_balance, cfg.free_nats)
-    loss = (terms["image_nll"] + reward_weight * terms["reward_nll"] + terms["discount_nll"]
-            + cfg.beta1 * terms["kl_loss"])
+    reward = terms["reward_nll"] if reward_term is None else reward_term(terms["reward_nll"])
+    loss = terms["image_nll"] + reward + terms["discount_nll"] + cfg.beta1 * terms["kl_loss"]
     return loss, {k: v.detach() for k, v in terms.items()}, state, embed
 
 
@@ -797,19 +812,23 @@ def source_update(source, batch, cfg, target_batch=None, eta=1.0):
     filtering is gradient-free: Eq. (5) trains the source reward predictor on those latents.
     """
     with autocast(cfg):
-        wm_loss, metrics, (h, z), _ = world_model_loss(source.wm, batch, cfg, reward_weight=eta)
+        reward_term, relabelled = None, {}
         if target_batch is not None:
             with torch.no_grad():
                 feat_T = source.wm.observe(target_batch)[0]
             r_pred = source.wm.reward(feat_T).squeeze(-1)
-            r_tilde = relabel_reward(r_pred, target_batch["reward"], cfg.k)  # Eq. (4)
+            r_tilde = relabel_reward(r_pred, target_batch["reward"], cfg.k)  # line 20, Eq. (4)
             relabelled_nll = gaussian_nll(r_pred, r_tilde.float()).mean()
-            wm_loss = wm_loss + (1 - eta) * relabelled_nll  # Eq. (5), second term
-            metrics.update(relabelled_nll=relabelled_nll.detach(), relabelled_reward=r_tilde.mean().detach())
+            reward_term = lambda source_nll: reward_alignment_loss(source_nll, relabelled_nll, eta)  # Eq. (5)
+            relabelled = {"relabelled_nll": relabelled_nll.detach(), "relabelled_reward": r_tilde.mean().detach()}
+        wm_loss, metrics, (h, z), _ = world_model_loss(source.wm, batch, cfg, reward_term)  # line 21
+        metrics.update(relabelled)
     source.backward("model", wm_loss)
     metrics.update(learn_behaviour(source, h, z, batch["is_terminal"], cfg))
     norms, ok = source.step()
-    metrics.update(norms, model_loss=wm_loss.detach(), eta=torch.tensor(eta))
+    metrics.update(norms, model_loss=wm_loss.detach())
+    if target_batch is not None:
+        metrics["eta"] = torch.tensor(eta)
     return metrics, ok
 
 
@@ -976,6 +995,7 @@ class Run:
 
     def __init__(self, cfg, command="train"):
         self.cfg, self.command = cfg, command
+        self.target_replay = load_target_data(cfg) if command == "train" else None  # Alg. 1 line 1
         self.logdir = Path(cfg.logdir)
         self.logdir.mkdir(parents=True, exist_ok=True)
         self.device = torch.device(cfg.device)
@@ -988,16 +1008,25 @@ class Run:
                         for _ in self.uses_sources()]
         self.target = (Agent(cfg, self.action_size, ensemble).to(self.device).build_optimisers()
                        if command != "online" else None)
-        self.source_replays = [envs.Replay(self.logdir / "replay" / n.replace(":", "-"), cfg.replay_capacity)
-                               for n in self.uses_sources()]
         self.progress = {"phase": 0, "step": 0, "env_steps": [0] * len(self.sources),
                          "online_steps": [0] * len(self.sources), "episodes": [[] for _ in self.sources],
                          "selected": [0] * len(self.sources)}
-        self.logger = Logger(self.logdir)
         self.checkpoint_path = self.logdir / "checkpoint.pt"
         self.collecting = None  # (source index, co-training?, collector) during an online phase
         self.stop_requested = False
         self.load()
+        self.logger = Logger(self.logdir)
+        self.source_replays = [self.open_replay(i) for i in range(len(self.sources))]
+
+    def open_replay(self, i):
+        """The source replay folder, holding exactly the episodes the checkpoint counted: ones saved after
+        it (the process died before the next checkpoint) move to orphaned/ and are collected anew."""
+        directory = self.logdir / "replay" / self.source_names[i].replace(":", "-")
+        if directory.is_dir():
+            for path in envs.episode_paths(directory)[len(self.progress["episodes"][i]):]:
+                (directory / "orphaned").mkdir(exist_ok=True)
+                os.replace(path, directory / "orphaned" / path.name)
+        return envs.Replay(directory, self.cfg.replay_capacity)
 
     def target_names(self):
         return () if self.command == "online" else (self.cfg.target,)
@@ -1172,7 +1201,7 @@ class Run:
         if not ok:
             print(f"\nskipped update {agent.updates} of {prefix}: non-finite loss or gradient "
                   f"({agent.bad_updates} in a row)", file=sys.stderr)
-            if agent.bad_updates >= 20:
+            if agent.bad_updates >= self.cfg.max_bad_updates:
                 raise FloatingPointError(f"{agent.bad_updates} non-finite updates in a row; the last good "
                                          f"checkpoint is {self.checkpoint_path}")
             return
@@ -1209,12 +1238,6 @@ class Run:
                                                    if isinstance(v, float)})
         return result
 
-    @property
-    def target_replay(self):
-        if not hasattr(self, "_target_replay"):
-            self._target_replay = load_target_data(self.cfg)
-        return self._target_replay
-
 
 def write_json(path, obj):
     tmp = Path(path).with_name(f".{Path(path).name}.tmp")
@@ -1250,8 +1273,11 @@ def load_target_data(cfg):
         if envs.read_dataset_info(directory) is None:
             print(f"No --target-data: building a default dataset for {cfg.target} ({cfg.target_episodes} episodes, "
                   f"{policy} policy, {cfg.render} render) in {directory}")
-            envs.collect(cfg.target, policy, cfg.target_episodes, directory, seed=cfg.seed + 7,
+            partial = directory.with_name(directory.name + ".partial")  # a killed collection starts over
+            shutil.rmtree(partial, ignore_errors=True)
+            envs.collect(cfg.target, policy, cfg.target_episodes, partial, seed=cfg.seed + 7,
                          render=cfg.render, max_steps=cfg.max_episode_steps)
+            os.replace(partial, directory)
     info = envs.read_dataset_info(directory) or {}
     if info.get("render") not in (None, cfg.render):
         raise envs.DatasetError(f"{directory}: recorded with render={info['render']!r} but the target environment "
@@ -1282,24 +1308,19 @@ def announce(cfg, command):
         print(f"  note: {note}")
 
 
-def command_train(cfg, extra):
-    announce(cfg, "train")
-    run = Run(cfg, "train")
-    result = run.execute()
-    print_result(result, run.logdir)
-    return 0
-
-
-def command_online(cfg, extra):
-    announce(cfg, "online")
-    run = Run(cfg, "online")
+def command_run(cfg, extra, command):
+    """`train` (CoWorld, Algorithm 1) and `online` (one DreamerV2 agent): run or resume, then report."""
+    announce(cfg, command)
+    run = Run(cfg, command)
     result = run.execute()
     print_result(result, run.logdir)
     return 0
 
 
 def command_evaluate(cfg, extra):
-    run = Run(cfg, "train")
+    if not (Path(cfg.logdir) / "checkpoint.pt").exists():
+        raise ConfigError(f"no checkpoint in {cfg.logdir}: pass the --logdir (and flags) of a run")
+    run = Run(cfg, "evaluate")
     result = evaluate(run.target, cfg.target, cfg, cfg.eval_episodes, run.logdir / "videos" / "evaluate.mp4")
     print(json.dumps(result, indent=2))
     return 0
@@ -1416,12 +1437,14 @@ def main(argv=None):
     debug = "--debug" in argv
     try:
         command, cfg, extra = parse_args(argv)
-        handler = {"train": command_train, "online": command_online, "evaluate": command_evaluate,
-                   "bench": command_bench}[command]
-        return handler(cfg, extra)
-    except (ConfigError, envs.EnvError, envs.DatasetError, FloatingPointError) as error:
+        if command in ("train", "online"):
+            return command_run(cfg, extra, command)
+        return {"evaluate": command_evaluate, "bench": command_bench}[command](cfg, extra)
+    except (ConfigError, envs.EnvError, envs.DatasetError, FloatingPointError, OSError) as error:
         if debug:
             traceback.print_exc()
+        if isinstance(error, OSError) and error.filename:  # unwritable folder, full disk, ...
+            error = f"cannot write {error.filename}: {error.strerror}"
         print(f"coworld.py: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

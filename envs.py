@@ -597,7 +597,7 @@ def load_episode(path) -> dict:
     return _check_episode(episode, str(path))
 
 
-def _episode_paths(directory) -> list[pathlib.Path]:
+def episode_paths(directory) -> list[pathlib.Path]:
     """Episode files of a folder, oldest first.
 
     Names start with a timestamp in seconds; within one second the
@@ -611,7 +611,7 @@ def load_dataset(directory, action_size: int | None = None, image_size: int = IM
     directory = pathlib.Path(directory)
     if not directory.is_dir():
         raise DatasetError(f"{directory}: no such folder")
-    paths = _episode_paths(directory)
+    paths = episode_paths(directory)
     if not paths:
         raise DatasetError(f"{directory}: no episodes (*.npz files) in this folder")
     episodes = []
@@ -675,7 +675,7 @@ class Replay:
     def _load_newest(self) -> None:
         """Load the newest episodes that fit the capacity, oldest first."""
         chosen, steps = [], 0
-        for path in reversed(_episode_paths(self.directory)):
+        for path in reversed(episode_paths(self.directory)):
             episode = load_episode(path)
             steps += len(episode["reward"])
             if steps > self.capacity and chosen:
@@ -861,7 +861,7 @@ def _positive_int(text: str) -> int:
 _positive_int.__name__ = "positive integer"  # how argparse names the type in its error
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="envs.py", description="CoWorld environments and offline data.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     make = commands.add_parser("collect", help="collect an offline dataset")
@@ -874,7 +874,11 @@ def main(argv=None) -> int:
     make.add_argument("--max-steps", type=_positive_int, default=None)
     speed = commands.add_parser("bench", help="print steps per second of one task per family")
     speed.add_argument("--steps", type=_positive_int, default=100)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         if args.command == "collect":
             collect(args.env, args.policy, args.episodes, args.out, seed=args.seed,
