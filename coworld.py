@@ -127,12 +127,14 @@ SUITES = {
     "dmc": dict(beta2=1.5, k=0.9, alpha=1.0, K2=20_000, iterations=600_000, pretrain_steps=600_000, prefill=2500),
 }
 
-# Presets change scale, never code. `small` makes every path run in minutes on a 2-core CPU.
+# Presets change scale, never code. `small` makes every path run in minutes on a 2-core CPU; its RSSM size
+# and learning rates are DreamerV2's own DMC configuration (200 units; 3e-4, 8e-5, 8e-5).
 PRESETS = {
     "paper": {},
     "small": dict(
         batch_size=16, seq_len=16, stoch=16, classes=16, deter=200, hidden=200, cnn_depth=16,
-        mlp_units=200, mlp_layers=2, K1=400, K2=2000, rounds=2, pretrain_steps=5000, prefill=1000,
+        mlp_units=200, mlp_layers=2, model_lr=3e-4, actor_lr=8e-5, critic_lr=8e-5,
+        K1=400, K2=2000, rounds=2, pretrain_steps=5000, prefill=1000,
         target_episodes=10, eval_episodes=3, render="fast", replay_capacity=200_000,
         log_every=25, checkpoint_every=250,
     ),
@@ -150,8 +152,9 @@ def family(env_name):
 
 
 def resolve(cfg: Config, command: str = "train") -> Config:
-    """Fill the per-suite (None) values of Table 7, the device and the output folder."""
-    suite = SUITES.get(family(cfg.target), SUITES["metaworld"])
+    """Fill the per-suite (None) values of Table 7 (the target's suite; online: the environment's), the device
+    and the output folder."""
+    suite = SUITES.get(family(cfg.source[0] if command == "online" else cfg.target), SUITES["metaworld"])
     values = {name: suite[name] for name in ("beta2", "k", "alpha", "K2", "pretrain_steps")
               if getattr(cfg, name) is None}
     if cfg.rounds is None:
@@ -232,6 +235,7 @@ def build_parser(command):
     if command == "bench":
         parser.add_argument("--updates", type=int, help="timed updates per measurement (default 3)")
         parser.add_argument("--env-steps", type=int, help="environment steps per env benchmark (default 50)")
+        parser.add_argument("--check-updates", type=int, help="updates of the bf16 vs float32 check (default 20)")
     for f in dataclasses.fields(Config):
         kind = typing.get_args(hints[f.name])[0] if typing.get_origin(hints[f.name]) is typing.Union else hints[f.name]
         kwargs = dict(help=f"{f.metadata['help']} (default: {f.default})")
@@ -260,7 +264,7 @@ def parse_args(argv):
     argv = list(argv)
     command = argv.pop(0) if argv and argv[0] in COMMANDS else "train"
     given = vars(build_parser(command).parse_args(argv))
-    extra = {key: given.pop(key) for key in ("env", "steps", "updates", "env_steps") if key in given}
+    extra = {key: given.pop(key) for key in ("env", "steps", "updates", "env_steps", "check_updates") if key in given}
     if "env" in extra:
         given["source"] = (extra["env"],)
     if "steps" in extra:
@@ -649,7 +653,7 @@ def actor_loss(V, baseline, log_prob, entropy, weight, rho, beta):
     return -(weight[:-2].detach() * objective).mean()
 
 
-def behaviour_losses(agent, h, z, is_terminal, cfg, source_critics=None, omega=None, alpha=0.0):
+def behaviour_losses(agent, h, z, is_terminal, cfg, source_critics=None, omega=None):
     """Alg. 1 lines 10-12 (target) / 23 (source): imagine from every posterior state, then Eq. (8), (6), (7).
 
     source_critics with one-hot weights omega give v_xi'(z^(T)) for the value constraint (Eq. 6, 12).
@@ -672,7 +676,7 @@ def behaviour_losses(agent, h, z, is_terminal, cfg, source_critics=None, omega=N
         with torch.no_grad():
             values = torch.stack([c(feat[:-1].detach()).squeeze(-1).float() for c in source_critics])
             v_source = torch.einsum("i,i...->...", omega, values)
-    losses["critic"] = critic_loss(v, V, weight[:-1], v_source, alpha, cfg.value_constraint)
+    losses["critic"] = critic_loss(v, V, weight[:-1], v_source, cfg.alpha, cfg.value_constraint)
     metrics = {"imag_reward": reward.mean().detach(), "imag_value": v.mean().detach(), "lambda_return": V.mean().detach(),
                "actor_entropy": entropy.mean().detach()}
     if v_source is not None:
@@ -738,6 +742,7 @@ class Agent(nn.Module):
         norms = {f"{name}_grad_norm": norm for name, (_, norm) in pending.items()}
         if not finite:
             self.bad_updates += 1
+            self.faults = [name for name, pair in pending.items() if not torch.stack(pair).isfinite().all()]
             return norms, False
         for name in pending:
             self.opts[name].step()
@@ -835,7 +840,7 @@ def source_update(source, batch, cfg, target_batch=None, eta=1.0):
 def learn_behaviour(agent, h, z, is_terminal, cfg, source_critics=None, omega=None):
     """Behaviour losses from the posterior states, each backpropagated at once into its own network."""
     with autocast(cfg):
-        losses, metrics = behaviour_losses(agent, h, z, is_terminal, cfg, source_critics, omega, cfg.alpha)
+        losses, metrics = behaviour_losses(agent, h, z, is_terminal, cfg, source_critics, omega)
     for name, loss in losses.items():
         agent.backward(name, loss)
         metrics[f"{name}_loss"] = loss.detach()
@@ -1002,7 +1007,7 @@ class Run:
         torch.manual_seed(cfg.seed), np.random.seed(cfg.seed), random.seed(cfg.seed)
         self.rng = np.random.default_rng(cfg.seed)
         self.source_names = list(cfg.source)
-        self.action_size = max(envs.action_size(n) for n in (*self.source_names, *self.target_names()))
+        self.action_size = max(envs.action_size(n) for n in (*self.uses_sources(), *self.target_names()))
         ensemble = cfg.ensemble if cfg.method == "offline-dv2" else 1
         self.sources = [Agent(cfg, self.action_size).to(self.device).build_optimisers()
                         for _ in self.uses_sources()]
@@ -1014,6 +1019,7 @@ class Run:
         self.checkpoint_path = self.logdir / "checkpoint.pt"
         self.collecting = None  # (source index, co-training?, collector) during an online phase
         self.stop_requested = False
+        self.selected = torch.zeros(len(self.sources), device=self.device)  # App. C choices (Table 6)
         self.load()
         self.logger = Logger(self.logdir)
         self.source_replays = [self.open_replay(i) for i in range(len(self.sources))]
@@ -1051,6 +1057,7 @@ class Run:
     def save(self):
         """Atomic checkpoint. Counters exclude the episode in progress, which a resumed run collects anew."""
         progress = copy.deepcopy(self.progress)
+        progress["selected"] = self.selected.tolist()
         if self.collecting and self.collecting[2].obs is not None:
             i, co_training, collector = self.collecting
             lost = len(collector.episode) - 1
@@ -1075,6 +1082,7 @@ class Run:
         if self.target:
             self.target.load(state["target"])
         self.progress = state["progress"]
+        self.selected = torch.tensor(self.progress["selected"], device=self.device)
         self.rng.bit_generator.state = state["rng"]["numpy"]
         torch.set_rng_state(state["rng"]["torch"])
         random.setstate(state["rng"]["python"])
@@ -1199,14 +1207,15 @@ class Run:
 
     def after_update(self, agent, metrics, ok, prefix, bar, checkpoint=True):
         if not ok:
-            print(f"\nskipped update {agent.updates} of {prefix}: non-finite loss or gradient "
-                  f"({agent.bad_updates} in a row)", file=sys.stderr)
+            print(f"\nskipped update {agent.updates} of {prefix}: non-finite {' and '.join(agent.faults)} loss or "
+                  f"gradient ({agent.bad_updates} in a row)", file=sys.stderr)
             if agent.bad_updates >= self.cfg.max_bad_updates:
                 raise FloatingPointError(f"{agent.bad_updates} non-finite updates in a row; the last good "
                                          f"checkpoint is {self.checkpoint_path}")
             return
         if "omega" in metrics:
-            self.progress["selected"] = [a + int(b) for a, b in zip(self.progress["selected"], metrics.pop("omega").tolist())]
+            self.selected += metrics.pop("omega")  # stays on the device: no sync per update
+            metrics["source_selected"] = self.selected
         if prefix == "target":
             self.progress["step"] += 1
             bar.update(1)
@@ -1231,7 +1240,7 @@ class Run:
         if cfg.eval_random:
             result["random_policy"] = evaluate(agent, env_name, cfg, cfg.eval_episodes, random_policy=True)
         if len(self.sources) > 1 and self.command != "online":
-            result["source_selected"] = dict(zip(self.source_names, self.progress["selected"]))
+            result["source_selected"] = dict(zip(self.source_names, self.selected.tolist()))
         result["env_steps"] = dict(zip(self.source_names, self.progress["env_steps"]))
         write_json(self.logdir / "results.json", result)
         self.logger.write(agent.updates, "eval", {k: v for k, v in result["eval"].items()
@@ -1378,6 +1387,26 @@ def bench_update(cfg, kind, updates, seed=0):
             "peak_gb": peak / 1e9}
 
 
+def bench_precision(cfg, updates=20, tolerance=0.05):
+    """bf16 against float32: the same agents and batches for `updates` target updates; the largest relative
+    difference of each world-model loss term (pixel constant removed) must stay within `tolerance`."""
+    constant = 0.5 * math.log(2 * math.pi) * 64 * 64 * 3
+    runs = {}
+    for precision in ("float32", "bf16"):
+        torch.manual_seed(0)
+        run_cfg = dataclasses.replace(cfg, precision=precision)
+        target, source = (Agent(run_cfg, 5).to(cfg.device).build_optimisers() for _ in range(2))
+        losses = []
+        for i in range(updates):
+            metrics, _ = target_update(target, synthetic_batch(run_cfg, 5, i), run_cfg, [source])
+            losses.append([float(metrics["image_nll"]) - constant, float(metrics["reward_nll"]),
+                           float(metrics["kl"])])
+        runs[precision] = np.array(losses)
+    deviation = np.abs(runs["bf16"] - runs["float32"]) / np.maximum(np.abs(runs["float32"]), 1e-3)
+    worst = dict(zip(("image", "reward", "kl"), deviation.max(0)))
+    return {"worst": worst, "ok": bool(max(worst.values()) <= tolerance), "tolerance": tolerance}
+
+
 def bench_act(cfg, steps=200):
     """Policy steps per second on single observations (the acting cost inside data collection)."""
     agent = Agent(cfg, 5).to(cfg.device)
@@ -1426,6 +1455,11 @@ def command_bench(cfg, extra):
         print(f"{kind} update: {r['seconds']:.3f} s median of {updates}  {r['frames_per_s']:.0f} frames/s  "
               f"{r['gflop']:.0f} GFLOP  {r['gflop_per_s']:.0f} GFLOP/s  peak memory {r['peak_gb']:.2f} GB")
     print(f"acting: {in_subprocess(bench_act, cfg)['steps_per_s']:.0f} policy steps/s")
+    if cfg.precision == "bf16":
+        r = in_subprocess(bench_precision, cfg, extra.get("check_updates", 20))
+        worst = ", ".join(f"{k} {v:.2%}" for k, v in r["worst"].items())
+        print(f"bf16 vs float32 over {extra.get('check_updates', 20)} updates: largest relative loss difference "
+              f"{worst} (tolerance {r['tolerance']:.0%}): {'ok' if r['ok'] else 'FAILED'}")
     if env_steps:
         print("environment steps per second (step + render):")
         envs.bench(steps=env_steps)

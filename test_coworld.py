@@ -969,6 +969,9 @@ def test_main_command_end_to_end_and_resume(tmp_path, monkeypatch, capsys):
     assert "value_estimate" in results["eval"] and "true_value" in results["eval"]
     state = torch.load(run / "checkpoint.pt", weights_only=False)
     assert state["progress"]["online_steps"] == [20]
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    etas = [line["source0/eta"] for line in lines if "source0/eta" in line]
+    assert etas == pytest.approx([0.775, 0.55, 0.325, 0.1])  # Eq. (5): 1 -> 0.1 over rounds * K2 steps
     assert len(list((tmp_path / "data").glob("*/*.npz"))) == 2  # the default target dataset, cached
 
 
