@@ -1003,6 +1003,8 @@ class Run:
         self.target_replay = load_target_data(cfg) if command == "train" else None  # Alg. 1 line 1
         self.logdir = Path(cfg.logdir)
         self.logdir.mkdir(parents=True, exist_ok=True)
+        for stale in self.logdir.rglob(".*.tmp*"):  # half-written files of a killed run: never read, removed
+            stale.unlink()
         self.device = torch.device(cfg.device)
         torch.manual_seed(cfg.seed), np.random.seed(cfg.seed), random.seed(cfg.seed)
         self.rng = np.random.default_rng(cfg.seed)
@@ -1173,20 +1175,19 @@ class Run:
                 if co_training:
                     self.progress["online_steps"][i] += 1
                 bar.update(1)
-                self.check_stop()
-                if episode is not None:
+                if not random_policy and self.progress["step"] % cfg.train_every == 0 and replay.num_steps >= cfg.seq_len:
+                    batch = self.sample(replay)  # line 16
+                    if co_training and cfg.reward_alignment:
+                        eta = eta_schedule(self.progress["online_steps"][i], cfg.rounds * cfg.K2, cfg.eta_start, cfg.eta_end)
+                        metrics, ok = source_update(agent, batch, cfg, self.sample(self.target_replay), eta)  # 19-23
+                    else:
+                        metrics, ok = source_update(agent, batch, cfg)
+                    self.after_update(agent, metrics, ok, f"source{i}", bar, checkpoint=False)
+                if episode is not None:  # checkpoints go here, after this step's update
                     self.end_of_episode(i, episode, bar)
                     if self.reached_stop_return(i):
                         break
-                if random_policy or self.progress["step"] % cfg.train_every or replay.num_steps < cfg.seq_len:
-                    continue
-                batch = self.sample(replay)  # line 16
-                if co_training and cfg.reward_alignment:
-                    eta = eta_schedule(self.progress["online_steps"][i], cfg.rounds * cfg.K2, cfg.eta_start, cfg.eta_end)
-                    metrics, ok = source_update(agent, batch, cfg, self.sample(self.target_replay), eta)  # lines 19-23
-                else:
-                    metrics, ok = source_update(agent, batch, cfg)
-                self.after_update(agent, metrics, ok, f"source{i}", bar, checkpoint=False)
+                self.check_stop()
             self.collecting = None
         finally:
             env.close()
