@@ -943,11 +943,15 @@ def atomic_torch_save(obj, path):
     """Write to a temporary file in the same folder and rename: a killed run never leaves half a checkpoint."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # a full disk or a kill: the previous checkpoint stays as it was
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 # =============================================================================================
@@ -1088,8 +1092,9 @@ class Run:
         self.rng.bit_generator.state = state["rng"]["numpy"]
         torch.set_rng_state(state["rng"]["torch"])
         random.setstate(state["rng"]["python"])
-        print(f"Resuming from {self.checkpoint_path}: phase {self.progress['phase'] + 1}/{len(self.plan())}, "
-              f"step {self.progress['step']}")
+        if self.command != "evaluate":
+            print(f"Resuming from {self.checkpoint_path}: phase {self.progress['phase'] + 1}/{len(self.plan())}, "
+                  f"step {self.progress['step']}")
 
     # -- phases ----------------------------------------------------------------------------
     def request_stop(self, signum, frame):

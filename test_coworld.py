@@ -972,6 +972,10 @@ def test_main_command_end_to_end_and_resume(tmp_path, monkeypatch, capsys):
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     etas = [line["source0/eta"] for line in lines if "source0/eta" in line]
     assert etas == pytest.approx([0.775, 0.55, 0.325, 0.1])  # Eq. (5): 1 -> 0.1 over rounds * K2 steps
+    capsys.readouterr()
+    assert C.main(["evaluate", *argv]) == 0  # the evaluate command reads the finished run
+    assert json.loads(capsys.readouterr().out)["episodes"] == 1
+    assert (run / "videos" / "evaluate.mp4").stat().st_size > 0
     assert len(list((tmp_path / "data").glob("*/*.npz"))) == 2  # the default target dataset, cached
 
 
@@ -1219,3 +1223,23 @@ def test_every_command_in_the_readme_parses():
             C.parse_args(argv)
         else:
             envs.build_parser().parse_args(argv)
+
+
+def test_full_disk_stops_with_one_line_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, capsys):
+    argv = ["online", "--env", "dmc:cartpole_balance", "--steps", "60", *tiny_flags(tmp_path / "run")]
+    original, saves = torch.save, []
+
+    def disk_fills(obj, f, *args, **kwargs):
+        saves.append(1)
+        if len(saves) == 2:
+            raise OSError(28, "No space left on device", str(f.name))
+        return original(obj, f, *args, **kwargs)
+    monkeypatch.setattr(torch, "save", disk_fills)
+    assert C.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "No space left on device" in err.strip().splitlines()[-1] and "Traceback" not in err
+    assert not list((tmp_path / "run").glob(".*.tmp*"))
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)  # the first one, intact
+    assert state["progress"]["phase"] == 0
+    monkeypatch.undo()
+    assert C.main(argv) == 0  # space again: the same command resumes and finishes
