@@ -464,7 +464,8 @@ class TruncatedNormal:
 
 
 class Actor(nn.Module):
-    """pi_psi(a_t | z_t) (App. A.3): mean tanh(x), std 2 * sigmoid(s / 2) + 0.1, truncated to [-1, 1]."""
+    """The actor pi_psi(a_t | z_t) of Eq. (9) / App. A.3: mean tanh(x), std 2 * sigmoid(s / 2) + 0.1, truncated
+    to [-1, 1]. The critic v_xi(z_t) of Eq. (9) is a plain MLP (Agent.critic)."""
 
     def __init__(self, feat_dim, action_size, units, layers):
         super().__init__()
