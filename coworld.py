@@ -987,8 +987,7 @@ class Logger:
 
 def progress_bar(total, initial, desc):
     from tqdm import tqdm
-    return tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, mininterval=1.0,
-                disable=None if sys.stderr.isatty() else False)
+    return tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, mininterval=1.0)
 
 
 def summary(metrics, keys=("model_loss", "actor_loss", "critic_loss", "domain_kl", "eta")):
@@ -1118,6 +1117,7 @@ class Run:
                       file=sys.stderr)
             raise
         finally:
+            self.logger.close()
             if in_main_thread:
                 signal.signal(signal.SIGINT, previous)
 
