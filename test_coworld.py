@@ -1131,7 +1131,7 @@ def bad_input_cases(tmp_path):
 def test_bad_input_gets_one_line_and_exit_code_2(tmp_path, capsys):
     cases = bad_input_cases(tmp_path)
     base = ["--source", "dmc:cartpole_balance", "--target", "dmc:cartpole_swingup", "--device", "cpu",
-            "--logdir", str(tmp_path / "out")]
+            "--logdir", str(tmp_path / "out"), "--data-dir", str(tmp_path / "data")]
     for name, (args, message) in cases.items():
         before = snapshot(tmp_path)
         code = C.main([*base, *args])
