@@ -796,9 +796,10 @@ def target_update(target, batch, cfg, sources=()):
             with torch.no_grad():  # the source encoders see the same target observations
                 e_sources = torch.stack([s.wm.encoder(batch["image"]) for s in sources])
             omega, kls = select_source(e_sources, embed)  # App. C
-            metrics["domain_kl"] = (omega * kls).sum().detach()
-            if cfg.state_alignment:  # Eq. (3) / Eq. (12)
-                wm_loss = wm_loss + cfg.beta2 * (omega * kls).sum()
+            domain_kl = (omega * kls).sum()  # Eq. (12); Eq. (3) with one source
+            metrics["domain_kl"] = domain_kl.detach()
+            if cfg.state_alignment:
+                wm_loss = wm_loss + cfg.beta2 * domain_kl
             if cfg.value_constraint != "none":
                 critics = [s.critic for s in sources]
     target.backward("model", wm_loss)
@@ -1026,6 +1027,7 @@ class Run:
         self.collecting = None  # (source index, co-training?, collector) during an online phase
         self.stop_requested = False
         self.selected = torch.zeros(len(self.sources), device=self.device)  # App. C choices (Table 6)
+        self.last_metrics, self.saved_at = {}, 0  # for the progress bar; updates at the last episode-end save
         self.load()
         self.logger = Logger(self.logdir)
         self.source_replays = [self.open_replay(i) for i in range(len(self.sources))]
@@ -1202,9 +1204,9 @@ class Run:
     def end_of_episode(self, i, episode, bar):
         self.progress["episodes"][i].append(episode["return"])
         self.logger.write(self.progress["env_steps"][i], f"source{i}/episode", episode)
-        bar.set_postfix(ret=f"{episode['return']:.1f}", **summary(getattr(self, "last_metrics", {})))
+        bar.set_postfix(ret=f"{episode['return']:.1f}", **summary(self.last_metrics))
         agent = self.sources[i]
-        if agent.updates - getattr(self, "saved_at", 0) >= self.cfg.checkpoint_every:
+        if agent.updates - self.saved_at >= self.cfg.checkpoint_every:
             self.saved_at = agent.updates
             self.save()
 

@@ -879,6 +879,19 @@ def test_action_mapping_between_four_and_five_dimensions():
     assert np.array_equal(C.pad_action(a5, 5), a5)
     shared = np.array([0.5, 0.5, 0.5, 0.5, -1.0], np.float32)
     assert np.array_equal(shared[:4], np.full(4, 0.5, np.float32))  # Meta-World uses the first four
+    # Through the collector: a 5-d agent acting in a 4-d environment stores the first four dimensions.
+    env = envs.make_env("metaworld:window-close", max_steps=3, render="fast")
+    replay = envs.Replay()
+    collector = C.Collector(env, type("R", (), {"add": lambda self, e: replay.add(e, save=False)})(), 5)
+    rng = np.random.default_rng(0)
+    actions = []
+    for _ in range(3):
+        collector.step(None, random_policy=True, rng=np.random.default_rng(len(actions)))
+        actions.append(np.random.default_rng(len(actions)).uniform(-1, 1, 5).astype(np.float32))
+    env.close()
+    stored = replay.sample(1, 4, rng)["action"]
+    assert stored.shape[-1] == 4
+    assert any(np.allclose(stored[0, t], a[:4]) for t in range(4) for a in actions)
 
 
 def test_multi_source_selection_picks_the_closest_encoder():
