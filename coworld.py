@@ -25,6 +25,7 @@ import random
 import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -62,6 +63,7 @@ class Config:
     seed: int = param(0, "random seed")
     device: str = param("auto", "auto | cpu | cuda")
     precision: str = param("auto", "auto (bf16 on CUDA, float32 on CPU) | float32 | bf16")
+    compile: str = param("auto", "torch.compile the per-step RSSM functions: auto (on CUDA) | on | off")
     render: str = param("default", "default (the benchmarks' look) | fast (no shadows/reflections/MSAA)")
     debug: bool = param(False, "show tracebacks for errors")
     # Co-training (Table 7; None = the value of the target's suite)
@@ -79,6 +81,8 @@ class Config:
     value_constraint: str = param("max", "Stage C (Eq. 6): max | linear ('w/o Max', Sec. 4.5) | none")
     # World model (Table 7 and DreamerV2)
     replay_capacity: int = param(2_000_000, "replay capacity in steps")
+    replay_images: str = param("disk", "where replay images live: disk (a temporary file in the run folder, read "
+                                       "per batch; RAM stays flat) | memory")
     batch_size: int = param(50, "B: batch size")
     seq_len: int = param(50, "L: sequence length")
     stoch: int = param(32, "discrete latent dimensions")
@@ -102,6 +106,8 @@ class Config:
     rho: float = param(1.0, "rho: dynamics backprop vs REINFORCE mix (Eq. 7)")
     beta: float = param(1e-4, "beta: actor entropy scale (Eq. 7)")
     slow_critic_every: int = param(100, "hard copy of the slow target critic every N updates")
+    behaviour_chunks: int = param(0, "imagine from the start states in this many parts, gradients added up (same "
+                                     "gradient, less memory); 0 = auto: 1 on CUDA, 4 on CPU")
     adam_eps: float = param(1e-5, "Adam epsilon")
     grad_clip: float = param(100.0, "gradient clipping (global norm, per optimiser)")
     # Interaction
@@ -164,6 +170,10 @@ def resolve(cfg: Config, command: str = "train") -> Config:
     device = values.get("device", cfg.device)
     if cfg.precision == "auto":
         values["precision"] = "bf16" if device == "cuda" else "float32"
+    if cfg.compile == "auto":
+        values["compile"] = "on" if device == "cuda" else "off"
+    if cfg.behaviour_chunks == 0:
+        values["behaviour_chunks"] = 1 if device == "cuda" else 4
     if not cfg.logdir:
         name = cfg.source[0] if command == "online" else cfg.target
         label = "online" if command == "online" else cfg.method
@@ -183,6 +193,8 @@ def validate(cfg: Config):
         (cfg.device in ("cpu", "cuda"), "--device must be auto, cpu or cuda"),
         (cfg.device != "cuda" or torch.cuda.is_available(), "--device cuda, but torch sees no CUDA device"),
         (cfg.precision in ("float32", "bf16"), "--precision must be auto, float32 or bf16"),
+        (cfg.compile in ("on", "off"), "--compile must be auto, on or off"),
+        (cfg.replay_images in ("disk", "memory"), "--replay-images must be disk or memory"),
         (cfg.render in ("default", "fast"), "--render must be default or fast"),
         (cfg.value_constraint in ("max", "linear", "none"), "--value-constraint must be max, linear or none"),
         (cfg.dataset_policy in ("auto", "random", "scripted"), "--dataset-policy must be auto, random or scripted"),
@@ -191,8 +203,8 @@ def validate(cfg: Config):
         (0.0 <= cfg.lambda_ <= 1.0, "--lambda must lie in [0, 1]"),
         (0.0 <= cfg.kl_balance <= 1.0, "--kl-balance must lie in [0, 1]"),
         (min(cfg.batch_size, cfg.seq_len, cfg.horizon, cfg.stoch, cfg.classes, cfg.deter, cfg.hidden,
-             cfg.cnn_depth, cfg.mlp_units, cfg.mlp_layers, cfg.train_every, cfg.ensemble) > 0,
-         "sizes (batch, sequence, horizon, network widths, train-every, ensemble) must be positive"),
+             cfg.cnn_depth, cfg.mlp_units, cfg.mlp_layers, cfg.train_every, cfg.ensemble, cfg.behaviour_chunks) > 0,
+         "sizes (batch, sequence, horizon, network widths, train-every, ensemble, behaviour chunks) must be positive"),
         (cfg.horizon >= 2, "--horizon must be at least 2"),
         (min(cfg.K1, cfg.K2, cfg.rounds, cfg.pretrain_steps, cfg.eval_episodes, cfg.target_episodes) >= 0,
          "iteration and episode counts must not be negative"),
@@ -236,6 +248,8 @@ def build_parser(command):
         parser.add_argument("--updates", type=int, help="timed updates per measurement (default 3)")
         parser.add_argument("--env-steps", type=int, help="environment steps per env benchmark (default 50)")
         parser.add_argument("--check-updates", type=int, help="updates of the bf16 vs float32 check (default 20)")
+        parser.add_argument("--replay-steps", type=int, help="also measure training memory from a synthetic dataset "
+                                                             "of this many steps, images on disk vs in memory (default 0: skip)")
     for f in dataclasses.fields(Config):
         kind = typing.get_args(hints[f.name])[0] if typing.get_origin(hints[f.name]) is typing.Union else hints[f.name]
         kwargs = dict(help=f"{f.metadata['help']} (default: {f.default})")
@@ -264,7 +278,7 @@ def parse_args(argv):
     argv = list(argv)
     command = argv.pop(0) if argv and argv[0] in COMMANDS else "train"
     given = vars(build_parser(command).parse_args(argv))
-    extra = {key: given.pop(key) for key in ("env", "steps", "updates", "env_steps", "check_updates") if key in given}
+    extra = {key: given.pop(key) for key in ("env", "steps", "updates", "env_steps", "check_updates", "replay_steps") if key in given}
     if "env" in extra:
         given["source"] = (extra["env"],)
     if "steps" in extra:
@@ -475,6 +489,12 @@ class Actor(nn.Module):
         mean, std = self.net(feat).float().chunk(2, -1)
         return TruncatedNormal(torch.tanh(mean), 2 * torch.sigmoid(std / 2) + 0.1)
 
+    def sample(self, feat):
+        """A reparameterised action, the log-probability of the (detached) action and the entropy: (N, A), (N,), (N,)."""
+        dist = self(feat)
+        action = dist.rsample()
+        return action, dist.log_prob(action.detach()), dist.entropy()
+
 
 class WorldModel(nn.Module):
     """M_phi of Eq. (1): encoder, RSSM, decoder, reward predictor and discount predictor."""
@@ -593,10 +613,9 @@ def imagine(wm, actor, h, z, horizon):
     """
     feats, hs, log_probs, entropies = [torch.cat([z, h], -1)], [h], [], []
     for _ in range(horizon):
-        dist = actor(feats[-1].detach())
-        action = dist.rsample()
-        log_probs.append(dist.log_prob(action.detach()))
-        entropies.append(dist.entropy())
+        action, log_prob, entropy = actor.sample(feats[-1].detach())
+        log_probs.append(log_prob)
+        entropies.append(entropy)
         h, z = wm.rssm.img_step(h, z, action.to(h.dtype))
         feats.append(torch.cat([z, h], -1))
         hs.append(h)
@@ -660,7 +679,7 @@ def behaviour_losses(agent, h, z, is_terminal, cfg, source_critics=None, omega=N
     source_critics with one-hot weights omega give v_xi'(z^(T)) for the value constraint (Eq. 6, 12).
     """
     wm = agent.wm
-    h, z = h.detach().flatten(0, 1), z.detach().flatten(0, 1)  # every posterior state starts a rollout
+    h, z = h.detach().reshape(-1, h.shape[-1]), z.detach().reshape(-1, z.shape[-1])  # every posterior state starts a rollout
     feat, hs, log_prob, entropy = imagine(wm, agent.actor, h, z, cfg.horizon)
     reward = wm.reward(feat).squeeze(-1).float()  # (H+1, N)
     if len(wm.rssm.priors) > 1:  # offline-dv2: reward minus lambda * ensemble disagreement
@@ -715,6 +734,8 @@ class Agent(nn.Module):
         self.actor = Actor(self.wm.feat_dim, action_size, cfg.mlp_units, cfg.mlp_layers)
         self.critic = mlp(self.wm.feat_dim, 1, cfg.mlp_units, cfg.mlp_layers)
         self.slow_critic = copy.deepcopy(self.critic).requires_grad_(False)
+        if cfg.compile == "on":
+            compile_steps(self.wm.rssm, self.actor)
         self.updates = 0
         self.bad_updates = 0
         self.pending = {}
@@ -728,22 +749,25 @@ class Agent(nn.Module):
                        "critic": list(self.critic.parameters())}
         return self
 
-    def backward(self, name, loss):
-        """Gradient of one loss ("model", "actor" or "critic") into its own parameters only, clipped at the
-        global norm. Called as soon as each loss exists, so its graph is freed before the next is built."""
-        self.opts[name].zero_grad(set_to_none=True)
+    def backward(self, name, loss, accumulate=False):
+        """Gradient of one loss ("model", "actor" or "critic") into its own parameters only; with accumulate,
+        added to the gradient already there. Called as soon as each loss exists, so its graph is freed
+        before the next is built."""
+        if not accumulate:
+            self.opts[name].zero_grad(set_to_none=True)
         loss.backward(inputs=self.params[name])
-        self.pending[name] = (loss.detach(), torch.nn.utils.clip_grad_norm_(self.params[name], self.cfg.grad_clip))
+        self.pending[name] = loss.detach() + self.pending[name] if accumulate else loss.detach()
 
     def step(self):
-        """Step the optimisers that got gradients, or none when any loss or gradient is not finite.
-        This check is the update's one host synchronisation."""
+        """Clip each gradient at its global norm, then step the optimisers that got gradients, or none when
+        any loss or gradient is not finite. This check is the update's one host synchronisation."""
         pending, self.pending = self.pending, {}
-        finite = bool(torch.stack([x.float() for pair in pending.values() for x in pair]).isfinite().all())
-        norms = {f"{name}_grad_norm": norm for name, (_, norm) in pending.items()}
-        if not finite:
+        checks = {name: torch.stack([loss.float(), torch.nn.utils.clip_grad_norm_(self.params[name], self.cfg.grad_clip)])
+                  for name, loss in pending.items()}
+        norms = {f"{name}_grad_norm": pair[1] for name, pair in checks.items()}
+        if not bool(torch.stack(list(checks.values())).isfinite().all()):
             self.bad_updates += 1
-            self.faults = [name for name, pair in pending.items() if not torch.stack(pair).isfinite().all()]
+            self.faults = [name for name, pair in checks.items() if not pair.isfinite().all()]
             return norms, False
         for name in pending:
             self.opts[name].step()
@@ -777,6 +801,16 @@ class Agent(nn.Module):
         for name, opt in self.opts.items():
             opt.load_state_dict(state["opts"][name])
         self.updates = state["updates"]
+
+
+def compile_steps(rssm, actor):
+    """torch.compile the functions called once per time step: the RSSM's filtering and imagination steps and
+    the actor's sampling. On a GPU an update is launch-bound (about 10,000 small kernels for 65 sequential
+    steps); compiling fuses each step's element-wise work (GRU gates, LayerNorm, sampling) into few kernels.
+    Each distinct batch shape compiles once."""
+    rssm.obs_step = torch.compile(rssm.obs_step, dynamic=False)
+    rssm.img_step = torch.compile(rssm.img_step, dynamic=False)
+    actor.sample = torch.compile(actor.sample, dynamic=False)
 
 
 def autocast(cfg):
@@ -840,12 +874,23 @@ def source_update(source, batch, cfg, target_batch=None, eta=1.0):
 
 
 def learn_behaviour(agent, h, z, is_terminal, cfg, source_critics=None, omega=None):
-    """Behaviour losses from the posterior states, each backpropagated at once into its own network."""
-    with autocast(cfg):
-        losses, metrics = behaviour_losses(agent, h, z, is_terminal, cfg, source_critics, omega)
-    for name, loss in losses.items():
-        agent.backward(name, loss)
-        metrics[f"{name}_loss"] = loss.detach()
+    """Behaviour losses from the posterior states, each backpropagated at once into its own network.
+
+    The B*T start states go through imagination in cfg.behaviour_chunks parts whose gradients add up, each
+    part's losses (means) weighted by its share of the states: the same gradient as one pass, with that
+    fraction of the imagination's activation memory (the peak of an update at the paper's size).
+    """
+    h, z, is_terminal = h.flatten(0, -2), z.flatten(0, -2), is_terminal.flatten()  # (N, D), (N, S*C), (N,)
+    metrics = {}
+    for i, part in enumerate(torch.arange(len(h), device=h.device).tensor_split(cfg.behaviour_chunks)):
+        share = len(part) / len(h)
+        with autocast(cfg):
+            losses, part_metrics = behaviour_losses(agent, h[part], z[part], is_terminal[part], cfg, source_critics, omega)
+        part_metrics.update({f"{name}_loss": loss.detach() for name, loss in losses.items()})
+        for name, loss in losses.items():
+            agent.backward(name, loss * share, accumulate=i > 0)
+        for key, value in part_metrics.items():
+            metrics[key] = metrics.get(key, 0) + value * share
     return metrics
 
 
@@ -1040,7 +1085,7 @@ class Run:
             for path in envs.episode_paths(directory)[len(self.progress["episodes"][i]):]:
                 (directory / "orphaned").mkdir(exist_ok=True)
                 os.replace(path, directory / "orphaned" / path.name)
-        return envs.Replay(directory, self.cfg.replay_capacity)
+        return envs.Replay(directory, self.cfg.replay_capacity, spill_dir(self.cfg))
 
     def target_names(self):
         return () if self.command == "online" else (self.cfg.target,)
@@ -1302,10 +1347,22 @@ def load_target_data(cfg):
                                 f"uses render={cfg.render!r}; pass --render {info['render']}")
     if info.get("env") not in (None, cfg.target):
         print(f"note: {directory} was recorded on {info['env']}, the target is {cfg.target}")
-    replay = envs.Replay(capacity=cfg.replay_capacity)
-    for episode in envs.load_dataset(directory, action_size=envs.action_size(cfg.target)):
-        replay.add(episode, save=False)
+    created = not Path(cfg.logdir).exists()
+    replay = envs.Replay(capacity=cfg.replay_capacity, spill_dir=spill_dir(cfg))
+    try:
+        for episode in envs.iter_dataset(directory, action_size=envs.action_size(cfg.target)):
+            replay.add(episode, save=False)
+    except envs.DatasetError:
+        replay.close()  # a bad dataset leaves no trace, not even the run folder the spill file made
+        if created:
+            shutil.rmtree(cfg.logdir, ignore_errors=True)
+        raise
     return replay
+
+
+def spill_dir(cfg):
+    """Where a replay keeps its images: None (in memory) or the run folder (--replay-images disk)."""
+    return Path(cfg.logdir) if cfg.replay_images == "disk" else None
 
 
 # =============================================================================================
@@ -1379,7 +1436,9 @@ def bench_update(cfg, kind, updates, seed=0):
             "source": lambda b, b2: source_update(source, b, cfg, b2, eta=0.5)}[kind]
     batches = [synthetic_batch(cfg, 5, seed + i) for i in range(2)]
     with FlopCounterMode(display=False) as counter:
-        step(*batches)  # the warm-up update also counts the FLOPs
+        step(*batches)  # the first warm-up update also counts the FLOPs
+    if cfg.compile == "on":
+        step(*batches)  # compiled functions trace again outside the counter
     if cfg.device == "cuda":
         torch.cuda.synchronize(), torch.cuda.reset_peak_memory_stats()
     times = []
@@ -1429,6 +1488,41 @@ def bench_act(cfg, steps=200):
     return {"steps_per_s": steps / (time.perf_counter() - start)}
 
 
+def write_bench_dataset(directory, steps, length=501):
+    """A dataset of `steps` time steps in the on-disk layout, with smooth synthetic images (memory use does not
+    depend on the pixels; smooth ones compress fast)."""
+    rng = np.random.default_rng(0)
+    ramp = np.arange(64, dtype=np.uint8)
+    for start in range(0, steps, length):
+        n = min(length, steps - start)
+        offsets = rng.integers(0, 256, (n, 1, 1, 3), dtype=np.uint8)
+        image = (ramp[None, :, None, None] + ramp[None, None, :, None] + offsets).astype(np.uint8)
+        flags = np.arange(n)
+        envs.save_episode(directory, {"image": image, "action": rng.uniform(-1, 1, (n, 5)).astype(np.float32),
+                                      "reward": rng.uniform(0, 1, n).astype(np.float32), "discount": np.ones(n, np.float32),
+                                      "is_first": flags == 0, "is_last": flags == n - 1, "is_terminal": flags < 0})
+
+
+def bench_replay(cfg, directory, updates):
+    """Peak memory of loading a dataset into the replay (cfg.replay_images) and training the target agent from it."""
+    import resource
+    torch.manual_seed(0)
+    start = time.perf_counter()
+    replay = envs.Replay(capacity=cfg.replay_capacity, spill_dir=spill_dir(cfg))
+    for episode in envs.iter_dataset(directory, action_size=5):
+        replay.add(episode, save=False)
+    load_s, rng = time.perf_counter() - start, np.random.default_rng(0)
+    start = time.perf_counter()
+    for _ in range(10):
+        replay.sample(cfg.batch_size, cfg.seq_len, rng)
+    sample_s = (time.perf_counter() - start) / 10
+    agent = Agent(cfg, 5).to(cfg.device).build_optimisers()
+    for _ in range(updates):
+        target_update(agent, to_torch(replay.sample(cfg.batch_size, cfg.seq_len, rng), 5, cfg.device), cfg)
+    return {"steps": replay.num_steps, "load_s": load_s, "sample_s": sample_s,
+            "peak_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9}
+
+
 def peak_gflops(device, dtype, n=2048, reps=10):
     """The machine's measured matrix-multiply throughput, the yardstick for an update's GFLOP/s."""
     a = torch.randn(n, n, device=device, dtype=dtype)
@@ -1464,11 +1558,19 @@ def command_bench(cfg, extra):
         print(f"{kind} update: {r['seconds']:.3f} s median of {updates}  {r['frames_per_s']:.0f} frames/s  "
               f"{r['gflop']:.0f} GFLOP  {r['gflop_per_s']:.0f} GFLOP/s  peak memory {r['peak_gb']:.2f} GB")
     print(f"acting: {in_subprocess(bench_act, cfg)['steps_per_s']:.0f} policy steps/s")
-    if cfg.precision == "bf16":
+    if cfg.precision == "bf16" and extra.get("check_updates", 20):
         r = in_subprocess(bench_precision, cfg, extra.get("check_updates", 20))
         worst = ", ".join(f"{k} {v:.2%}" for k, v in r["worst"].items())
         print(f"bf16 vs float32 over {extra.get('check_updates', 20)} updates: largest relative loss difference "
               f"{worst} (tolerance {r['tolerance']:.0%}): {'ok' if r['ok'] else 'FAILED'}")
+    if extra.get("replay_steps"):
+        with tempfile.TemporaryDirectory(dir=cfg.data_dir if os.path.isdir(cfg.data_dir) else None) as directory:
+            write_bench_dataset(directory, extra["replay_steps"])
+            for images in ("memory", "disk"):
+                run_cfg = dataclasses.replace(cfg, replay_images=images, logdir=directory)
+                r = in_subprocess(bench_replay, run_cfg, directory, updates)
+                print(f"training from {r['steps']} dataset steps, images in {images}: peak memory {r['peak_gb']:.2f} GB "
+                      f"(load {r['load_s']:.0f} s, one batch sampled in {1000 * r['sample_s']:.0f} ms, {updates} updates)")
     if env_steps:
         print("environment steps per second (step + render):")
         envs.bench(steps=env_steps)

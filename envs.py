@@ -32,6 +32,7 @@ import pathlib
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 import warnings
@@ -606,15 +607,15 @@ def episode_paths(directory) -> list[pathlib.Path]:
     return sorted(pathlib.Path(directory).glob("*.npz"), key=lambda path: (path.name[:15], path.stat().st_mtime_ns))
 
 
-def load_dataset(directory, action_size: int | None = None, image_size: int = IMAGE_SIZE) -> list[dict]:
-    """Load and validate every episode of a folder; any problem is a DatasetError."""
+def iter_dataset(directory, action_size: int | None = None, image_size: int = IMAGE_SIZE):
+    """Load and validate the episodes of a folder one at a time, oldest first; any problem is a DatasetError.
+    Only one episode is in memory at a time, so a dataset larger than RAM streams into a disk-backed Replay."""
     directory = pathlib.Path(directory)
     if not directory.is_dir():
         raise DatasetError(f"{directory}: no such folder")
     paths = episode_paths(directory)
     if not paths:
         raise DatasetError(f"{directory}: no episodes (*.npz files) in this folder")
-    episodes = []
     for path in paths:
         episode = load_episode(path)
         found = episode["action"].shape[1]
@@ -622,8 +623,12 @@ def load_dataset(directory, action_size: int | None = None, image_size: int = IM
             raise DatasetError(f"{path}: action size {found}, expected {action_size}")
         if episode["image"].shape[1:3] != (image_size, image_size):
             raise DatasetError(f"{path}: image size {episode['image'].shape[1:3]}, expected ({image_size}, {image_size})")
-        episodes.append(episode)
-    return episodes
+        yield episode
+
+
+def load_dataset(directory, action_size: int | None = None, image_size: int = IMAGE_SIZE) -> list[dict]:
+    """Every episode of a folder, loaded and validated (see iter_dataset)."""
+    return list(iter_dataset(directory, action_size, image_size))
 
 
 def write_dataset_info(directory, info: dict) -> None:
@@ -648,8 +653,38 @@ def read_dataset_info(directory) -> dict | None:
 # ---------------------------------------------------------------------------
 
 
+class DiskImages:
+    """One episode's images in a replay's spill file: shape and dtype like an array, read on demand.
+
+    Reads go through the OS page cache with pread, so recently used images stay fast while the process's
+    own memory holds none of them (a memory map would count every page it touched)."""
+
+    dtype = np.dtype(np.uint8)
+
+    def __init__(self, file, offset: int, shape: tuple):
+        self.file, self.offset, self.shape = file, offset, shape
+        self.frame_bytes = int(np.prod(shape[1:]))
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def read_into(self, start: int, out: np.ndarray) -> None:
+        """Fill ``out`` (count, H, W, C), a contiguous block, with frames start .. start + count - 1."""
+        view, position = memoryview(out).cast("B"), self.offset + start * self.frame_bytes
+        while len(view):
+            count = os.preadv(self.file.fileno(), [view], position)
+            if count <= 0:
+                raise DatasetError(f"replay spill file {self.file.name}: short read at byte {position}")
+            view, position = view[count:], position + count
+
+    def __array__(self, dtype=None, copy=None):
+        out = np.empty(self.shape, np.uint8)
+        self.read_into(0, out)
+        return out if dtype is None else out.astype(dtype)
+
+
 class Replay:
-    """Episodes in memory (as stored: uint8 images), sampled as (B, T) windows.
+    """Episodes as stored (uint8 images), sampled as (B, T) windows.
 
     The episodes are treated as one circular stream: a window starts at a
     uniformly drawn time step and may run past its episode's end into the next
@@ -657,16 +692,28 @@ class Replay:
     therefore work. With a ``directory`` the replay loads the episodes already
     there (how a killed run resumes) and add() saves new ones to it. The oldest
     episodes are dropped beyond ``capacity`` time steps.
+
+    With ``spill_dir`` the images (12 KB of the 12.3 KB a step takes) go to an
+    anonymous temporary file in that folder, deleted when the replay is, and are
+    read back per window: 10^6 steps need 12 GB of disk there, not of RAM. The
+    file only grows; the steps of dropped episodes stay in it unused.
     """
 
-    def __init__(self, directory=None, capacity: int = 2_000_000):
+    def __init__(self, directory=None, capacity: int = 2_000_000, spill_dir=None):
         self.directory = None if directory is None else pathlib.Path(directory)
         self.capacity = capacity
+        self.spill_dir = None if spill_dir is None else pathlib.Path(spill_dir)
+        self._spill, self._spill_bytes = None, 0  # the file opens with the first episode
         self._episodes: list[dict] = []
         self._starts = np.zeros(0, np.int64)  # stream index of each episode's first step
         self.num_steps = 0  # time steps held (reset frames included)
         if self.directory is not None and self.directory.is_dir():
             self._load_newest()
+
+    def close(self) -> None:
+        """Delete the spill file now (it also goes when the replay is garbage-collected or the process ends)."""
+        if self._spill is not None:
+            self._spill.close()
 
     @property
     def num_episodes(self) -> int:
@@ -700,12 +747,26 @@ class Replay:
                 if episode[key].shape[1:] != first[key].shape[1:]:
                     raise DatasetError(f"{where}: {key} shape {episode[key].shape[1:]} differs from the "
                                        f"replay's {first[key].shape[1:]}")
+        if self.spill_dir is not None:
+            episode = {**episode, "image": self._spill_images(episode["image"])}
         self._episodes.append(episode)
         self.num_steps += len(episode["reward"])
         while self.num_steps > self.capacity and len(self._episodes) > 1:
             self.num_steps -= len(self._episodes.pop(0)["reward"])
         lengths = [len(e["reward"]) for e in self._episodes]
         self._starts = np.concatenate([[0], np.cumsum(lengths[:-1])]).astype(np.int64)
+
+    def _spill_images(self, images: np.ndarray) -> DiskImages:
+        if self._spill is None:
+            self.spill_dir.mkdir(parents=True, exist_ok=True)
+            self._spill = tempfile.TemporaryFile(dir=self.spill_dir, prefix="replay-images-")
+        images = np.ascontiguousarray(images, np.uint8)
+        self._spill.seek(self._spill_bytes)
+        self._spill.write(memoryview(images).cast("B"))
+        self._spill.flush()
+        stored = DiskImages(self._spill, self._spill_bytes, images.shape)
+        self._spill_bytes += images.nbytes
+        return stored
 
     def sample(self, batch: int, length: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
         """A dict of (batch, length, ...) arrays for EPISODE_KEYS, dtypes as stored."""
@@ -724,7 +785,10 @@ class Replay:
             episode = self._episodes[index]
             count = min(len(episode["reward"]) - offset, length - filled)
             for key in EPISODE_KEYS:
-                out[key][row, filled:filled + count] = episode[key][offset:offset + count]
+                if isinstance(episode[key], DiskImages):
+                    episode[key].read_into(offset, out[key][row, filled:filled + count])
+                else:
+                    out[key][row, filled:filled + count] = episode[key][offset:offset + count]
             filled += count
             index, offset = (index + 1) % len(self._episodes), 0
 

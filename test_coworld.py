@@ -15,6 +15,7 @@ import tracemalloc
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import coworld as C
 import envs
@@ -481,6 +482,26 @@ def test_replay_memory_stays_flat():
     assert after - before < 64 * 1024  # one batch is ~400 KB; 300 batches would be 120 MB
 
 
+def test_replay_images_on_disk_sample_the_same_and_leave_memory_flat(tmp_path):
+    in_memory, on_disk = envs.Replay(capacity=10_000), envs.Replay(capacity=10_000, spill_dir=tmp_path / "spill")
+    tracemalloc.start()
+    try:
+        for seed in range(20):  # 20 x 40 frames of 12 KB: 9.8 MB of images
+            on_disk.add(synthetic_episode(40, seed=seed), save=False)
+        held = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert held < 1024 * 1024, f"the disk replay holds {held} bytes"
+    for seed in range(20):
+        in_memory.add(synthetic_episode(40, seed=seed), save=False)
+    assert list((tmp_path / "spill").iterdir()) == []  # an anonymous file: gone with the process
+    for seed in range(3):
+        a, b = (r.sample(16, 50, np.random.default_rng(seed)) for r in (in_memory, on_disk))  # windows cross seams
+        for key in envs.EPISODE_KEYS:
+            assert np.array_equal(a[key], b[key]) and a[key].dtype == b[key].dtype, key
+    assert np.array_equal(np.asarray(on_disk._episodes[3]["image"]), in_memory._episodes[3]["image"])
+
+
 def test_replay_capacity_saving_and_resume(tmp_path):
     replay = envs.Replay(tmp_path, capacity=12)
     for seed in range(4):
@@ -574,7 +595,8 @@ def test_cli_bench_prints_a_rate_per_task_and_render():
 
 def small_cfg(**overrides):
     values = {**C.PRESETS["small"], "device": "cpu", "precision": "float32", "beta2": 1.0, "k": 0.3,
-              "alpha": 2.0, "K2": 10, "rounds": 1, "pretrain_steps": 10, "batch_size": 3, "seq_len": 6}
+              "alpha": 2.0, "K2": 10, "rounds": 1, "pretrain_steps": 10, "batch_size": 3, "seq_len": 6,
+              "behaviour_chunks": 2}
     values.update(overrides)
     return dataclasses.replace(C.Config(), **values)
 
@@ -763,6 +785,25 @@ def test_actor_update_leaves_world_model_and_critic_alone():
     _, ok = agent.step()
     assert ok and changed(actor, agent.actor)
     assert not changed(wm, agent.wm) and not changed(critic, agent.critic)
+
+
+def test_behaviour_chunks_give_the_same_gradient(monkeypatch):
+    # Deterministic sampling, so that one pass and three parts imagine the same rollouts.
+    monkeypatch.setattr(C, "straight_through_sample", lambda logits: (lambda p: F.one_hot(
+        p.argmax(-1), p.shape[-1]).to(p.dtype) + p - p.detach())(logits.float().softmax(-1)))
+    monkeypatch.setattr(C.TruncatedNormal, "rsample", lambda self: self.loc.clamp(-0.99, 0.99))
+    grads = []
+    for chunks in (1, 3):
+        cfg = small_cfg(behaviour_chunks=chunks)
+        torch.manual_seed(0)
+        target, source = C.Agent(cfg, 5).build_optimisers(), C.Agent(cfg, 5).build_optimisers()
+        batch = fake_batch(cfg, 5)
+        _, _, (h, z), _ = C.world_model_loss(target.wm, batch, cfg)
+        metrics = C.learn_behaviour(target, h, z, batch["is_terminal"], cfg, [source.critic], torch.ones(1))
+        grads.append([p.grad.clone() for p in [*target.actor.parameters(), *target.critic.parameters()]]
+                     + [metrics["actor_loss"], metrics["critic_loss"], metrics["lambda_return"]])
+    for one, parts in zip(*grads):
+        torch.testing.assert_close(parts, one, rtol=1e-4, atol=1e-6)
 
 
 def test_world_model_update_leaves_actor_and_critic_alone():
@@ -1009,7 +1050,7 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @gpu
 @pytest.mark.gpu
 def test_gpu_bf16_updates():
-    cfg = dataclasses.replace(small_cfg(), device="cuda", precision="bf16")
+    cfg = dataclasses.replace(small_cfg(), device="cuda", precision="bf16", compile="on")
     target, source = (C.Agent(cfg, 5).cuda().build_optimisers() for _ in range(2))
     batch = {k: v.cuda() for k, v in fake_batch(cfg, 5).items()}
     for _ in range(3):
@@ -1137,8 +1178,19 @@ def bad_input_cases(tmp_path):
         "unknown flag": (["--bogus", "1"], "unrecognized arguments: --bogus"),
         "ill-typed flag": (["--batch-size", "many"], "invalid int value: 'many'"),
         "bad value": (["--k", "1.5"], "--k must lie in [0, 1]"),
+        "bad compile": (["--compile", "sometimes"], "--compile must be auto, on or off"),
+        "bad replay images": (["--replay-images", "tape"], "--replay-images must be disk or memory"),
+        "bad chunks": (["--behaviour-chunks", "-2"], "behaviour chunks) must be positive"),
         "unwritable output": (["--logdir", str(tmp_path / "a-file" / "run")], "cannot write"),
     }
+
+
+def test_device_dependent_defaults_resolve_on_this_machine():
+    cfg = C.parse_args(["--source", "dmc:cartpole_balance", "--target", "dmc:cartpole_swingup"])[1]
+    on_cuda = torch.cuda.is_available()
+    assert (cfg.compile, cfg.behaviour_chunks) == (("on", 1) if on_cuda else ("off", 4))
+    cfg = C.parse_args(["--target", "dmc:cartpole_swingup", "--compile", "on", "--behaviour-chunks", "2"])[1]
+    assert (cfg.compile, cfg.behaviour_chunks) == ("on", 2)
 
 
 def test_bad_input_gets_one_line_and_exit_code_2(tmp_path, capsys):
@@ -1232,6 +1284,9 @@ def test_every_command_in_the_readme_parses():
         if "--help" in argv:
             with pytest.raises(SystemExit, match="0"):
                 C.parse_args(argv)
+        elif script == "coworld" and "cuda" in argv and not torch.cuda.is_available():
+            command = argv[0] if argv[0] in C.COMMANDS else "train"
+            C.build_parser(command).parse_args(argv[1:] if argv[0] in C.COMMANDS else argv)  # flags only
         elif script == "coworld":
             C.parse_args(argv)
         else:
