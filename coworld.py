@@ -378,8 +378,10 @@ def straight_through_sample(logits):
     """One-hot sample of each categorical latent with straight-through gradients: sample + p - sg(p)."""
     logits = logits.float()
     probs = logits.softmax(-1)
-    # Gumbel-max via exponential noise: argmax(log p - log E) ~ Categorical(p), with no host sync.
-    index = (logits - torch.empty_like(logits).exponential_().log()).argmax(-1)
+    # Gumbel-max: argmax(log p - log E) ~ Categorical(p) for E ~ Exp(1), with no host sync. E = -log(1 - U)
+    # from uniform noise is 4x faster on CPU than exponential_ (1 s of a paper-size update).
+    exp_noise = torch.rand_like(logits).neg_().log1p_().neg_()
+    index = (logits - exp_noise.log_()).argmax(-1)
     sample = F.one_hot(index, logits.shape[-1]).to(probs.dtype)
     return sample + probs - probs.detach()
 
