@@ -683,14 +683,15 @@ def behaviour_losses(agent, h, z, is_terminal, cfg, source_critics=None, omega=N
     wm = agent.wm
     h, z = h.detach().reshape(-1, h.shape[-1]), z.detach().reshape(-1, z.shape[-1])  # every posterior state starts a rollout
     feat, hs, log_prob, entropy = imagine(wm, agent.actor, h, z, cfg.horizon)
-    reward = wm.reward(feat).squeeze(-1).float()  # (H+1, N)
+    # Eq. (8) needs r and gamma of states 0..H-1 only; the heads skip the states whose outputs go unused.
+    reward = wm.reward(feat[:-1]).squeeze(-1).float()  # (H, N)
     if len(wm.rssm.priors) > 1:  # offline-dv2: reward minus lambda * ensemble disagreement
-        reward = reward - cfg.penalty * ensemble_disagreement(wm.rssm, hs)
-    discount = torch.sigmoid(wm.discount(feat).squeeze(-1).float())
-    discount = torch.cat([cfg.gamma * (1.0 - is_terminal.flatten().float())[None], discount[1:]])
-    weight = torch.cumprod(torch.cat([torch.ones_like(discount[:1]), discount[:-1]]), 0)  # (H+1, N)
-    slow_value = agent.slow_critic(feat).squeeze(-1).float()
-    V = lambda_return(reward[:-1], slow_value, discount[:-1], cfg.lambda_)  # (H, N)
+        reward = reward - cfg.penalty * ensemble_disagreement(wm.rssm, hs[:-1])
+    discount = torch.sigmoid(wm.discount(feat[1:-1]).squeeze(-1).float())  # (H-1, N), states 1..H-1
+    discount = torch.cat([cfg.gamma * (1.0 - is_terminal.flatten().float())[None], discount])  # (H, N)
+    weight = torch.cumprod(torch.cat([torch.ones_like(discount[:1]), discount]), 0)  # (H+1, N)
+    slow_value = agent.slow_critic(feat).squeeze(-1).float()  # (H+1, N)
+    V = lambda_return(reward, slow_value, discount, cfg.lambda_)  # (H, N)
     losses = {"actor": actor_loss(V, slow_value, log_prob, entropy, weight, cfg.rho, cfg.beta)}
     v = agent.critic(feat[:-1].detach()).squeeze(-1).float()
     v_source = None
