@@ -40,6 +40,7 @@ import envs  # sets MUJOCO_GL before anything imports mujoco
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 
 # =============================================================================================
@@ -106,8 +107,8 @@ class Config:
     rho: float = param(1.0, "rho: dynamics backprop vs REINFORCE mix (Eq. 7)")
     beta: float = param(1e-4, "beta: actor entropy scale (Eq. 7)")
     slow_critic_every: int = param(100, "hard copy of the slow target critic every N updates")
-    behaviour_chunks: int = param(0, "imagine from the start states in this many parts, gradients added up (same "
-                                     "gradient, less memory); 0 = auto: 1 on CUDA, 4 on CPU")
+    chunks: int = param(0, "decode the frames and imagine from the start states in this many parts, gradients "
+                           "added up (same gradient, less memory); 0 = auto: 1 on CUDA, 4 on CPU")
     adam_eps: float = param(1e-5, "Adam epsilon")
     grad_clip: float = param(100.0, "gradient clipping (global norm, per optimiser)")
     # Interaction
@@ -172,8 +173,8 @@ def resolve(cfg: Config, command: str = "train") -> Config:
         values["precision"] = "bf16" if device == "cuda" else "float32"
     if cfg.compile == "auto":
         values["compile"] = "on" if device == "cuda" else "off"
-    if cfg.behaviour_chunks == 0:
-        values["behaviour_chunks"] = 1 if device == "cuda" else 4
+    if cfg.chunks == 0:
+        values["chunks"] = 1 if device == "cuda" else 4
     if not cfg.logdir:
         name = cfg.source[0] if command == "online" else cfg.target
         label = "online" if command == "online" else cfg.method
@@ -203,8 +204,8 @@ def validate(cfg: Config):
         (0.0 <= cfg.lambda_ <= 1.0, "--lambda must lie in [0, 1]"),
         (0.0 <= cfg.kl_balance <= 1.0, "--kl-balance must lie in [0, 1]"),
         (min(cfg.batch_size, cfg.seq_len, cfg.horizon, cfg.stoch, cfg.classes, cfg.deter, cfg.hidden,
-             cfg.cnn_depth, cfg.mlp_units, cfg.mlp_layers, cfg.train_every, cfg.ensemble, cfg.behaviour_chunks) > 0,
-         "sizes (batch, sequence, horizon, network widths, train-every, ensemble, behaviour chunks) must be positive"),
+             cfg.cnn_depth, cfg.mlp_units, cfg.mlp_layers, cfg.train_every, cfg.ensemble, cfg.chunks) > 0,
+         "sizes (batch, sequence, horizon, network widths, train-every, ensemble, chunks) must be positive"),
         (cfg.horizon >= 2, "--horizon must be at least 2"),
         (min(cfg.K1, cfg.K2, cfg.rounds, cfg.pretrain_steps, cfg.eval_episodes, cfg.target_episodes) >= 0,
          "iteration and episode counts must not be negative"),
@@ -313,20 +314,33 @@ def elu():
 class Encoder(nn.Module):
     """Image encoding e_t = e_phi(o_t) (Eq. 1): four 4x4 stride-2 convolutions, 64 -> 31 -> 14 -> 6 -> 2."""
 
-    def __init__(self, depth):
+    def __init__(self, depth, chunks=1):
         super().__init__()
         layers, channels = [], 3
         for i in range(4):
             layers += [nn.Conv2d(channels, depth * 2 ** i, 4, 2), elu()]
             channels = depth * 2 ** i
         self.net = nn.Sequential(*layers)
-        self.out_dim = 32 * depth
+        self.out_dim, self.chunks = 32 * depth, chunks
 
     def forward(self, image):  # (..., 64, 64, 3) uint8 -> (..., 32 * depth)
         lead = image.shape[:-3]
         x = preprocess(image.reshape(-1, *image.shape[-3:])).permute(0, 3, 1, 2)
         x = x.contiguous(memory_format=torch.channels_last)
+        if torch.is_grad_enabled() and self.chunks > 1:
+            x = recompute_in_chunks(self.net[:4], x, self.chunks)  # the first two convolutions
+            return self.net[4:](x).reshape(*lead, self.out_dim)
         return self.net(x).reshape(*lead, self.out_dim)
+
+
+def recompute_in_chunks(module, x, chunks):
+    """module(x) whose activations are not kept but recomputed in the backward pass, `chunks` frames at a time.
+
+    A memory device for the encoder's first two convolutions: their outputs are the largest activations of
+    an update (650 MB of 2,500 frames at the paper's size) and their gradients as large again, while
+    recomputing them costs under 3% of the update's FLOPs.
+    """
+    return torch.cat([checkpoint(module, part, use_reentrant=False) for part in x.tensor_split(chunks)])
 
 
 class Decoder(nn.Module):
@@ -344,8 +358,12 @@ class Decoder(nn.Module):
 
     def forward(self, feat):  # (..., F) -> image mean (..., 64, 64, 3)
         lead = feat.shape[:-1]
-        x = self.fc(feat).reshape(-1, 32 * self.depth, 1, 1)
-        x = self.net(x.contiguous(memory_format=torch.channels_last))
+        # On its 1x1 input the first transposed convolution is one matrix product, computed as such: CPU
+        # convolution kernels are slow for this shape (5 of 18 s of a paper-size bf16 update).
+        first, k = self.net[0], self.net[0].kernel_size[0]
+        x = F.linear(self.fc(feat).reshape(-1, 32 * self.depth), first.weight.flatten(1).T,
+                     first.bias.repeat_interleave(k * k)).unflatten(-1, (-1, k, k))  # (N, 4 * depth, 5, 5)
+        x = self.net[1:](x.contiguous(memory_format=torch.channels_last))
         return x.permute(0, 2, 3, 1).reshape(*lead, 64, 64, 3)
 
 
@@ -503,7 +521,7 @@ class WorldModel(nn.Module):
 
     def __init__(self, cfg, action_size, ensemble=1):
         super().__init__()
-        self.encoder = Encoder(cfg.cnn_depth)
+        self.encoder = Encoder(cfg.cnn_depth, max(cfg.chunks, 1))
         self.rssm = RSSM(action_size, self.encoder.out_dim, cfg.stoch, cfg.classes, cfg.deter, cfg.hidden, ensemble)
         self.feat_dim = cfg.stoch * cfg.classes + cfg.deter
         self.decoder = Decoder(self.feat_dim, cfg.cnn_depth)
@@ -528,10 +546,48 @@ def gaussian_nll(mean, target):
 
 def image_nll(mean, image):
     """-ln p(o | h, z) for a Normal(mean, 1) over every pixel, summed over pixels and averaged over frames."""
-    target = preprocess(image)
-    frames = target[..., 0, 0, 0].numel()
-    return (0.5 * F.mse_loss(mean.float(), target, reduction="sum") / frames
-            + 0.5 * math.log(2 * math.pi) * target[0, 0].numel())
+    target = preprocess(image)  # (..., 64, 64, 3)
+    return (0.5 * F.mse_loss(mean.float(), target, reduction="sum") / target.shape[:-3].numel()
+            + 0.5 * math.log(2 * math.pi) * target.shape[-3:].numel())
+
+
+class DecodedImageNLL(torch.autograd.Function):
+    """image_nll(decoder(feat), image) whose gradient is computed in the forward pass, one chunk of frames at
+    a time, and handed out in the backward pass.
+
+    A memory device, exact and without recomputation: the decoder's activations (1.4 GB for 2,500 frames at
+    the paper's size) are alive for one chunk only, instead of from the forward pass until the loss's
+    backward. The parameters are inputs so their gradients flow through the usual .backward().
+    """
+
+    @staticmethod
+    def forward(ctx, feat, image, decoder, chunks, *params):  # feat (N, F), image (N, 64, 64, 3)
+        feat_grad, param_grads = torch.empty_like(feat), [torch.zeros_like(p) for p in params]
+        total, start = feat.new_zeros((), dtype=torch.float32), 0
+        with torch.enable_grad():
+            for f, o in zip(feat.tensor_split(chunks), image.tensor_split(chunks)):
+                f = f.detach().requires_grad_()
+                # The decoder sees a view of f: module hooks (bench's FLOP counter) cannot watch a leaf in autograd.grad.
+                nll = image_nll(decoder(f.view_as(f)), o) * (len(f) / len(feat))  # shares add up to the mean
+                grads = torch.autograd.grad(nll, [f, *params])
+                feat_grad[start:start + len(f)] = grads[0]
+                for acc, g in zip(param_grads, grads[1:]):
+                    acc += g
+                total, start = total + nll.detach(), start + len(f)
+        ctx.save_for_backward(feat_grad, *param_grads)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad):
+        feat_grad, *param_grads = ctx.saved_tensors
+        return grad * feat_grad, None, None, None, *(grad * g for g in param_grads)
+
+
+def decoded_image_nll(decoder, feat, image, chunks):
+    """-ln p(o | h, z) of Eq. (2) for features (..., F) and images (..., 64, 64, 3)."""
+    if not torch.is_grad_enabled():
+        return image_nll(decoder(feat), image)
+    return DecodedImageNLL.apply(feat.flatten(0, -2), image.flatten(0, -4), decoder, chunks, *decoder.parameters())
 
 
 def categorical_kl(p_logits, q_logits):
@@ -561,7 +617,7 @@ def world_model_loss(wm, batch, cfg, reward_term=None):
     """
     feat, state, post, prior, embed = wm.observe(batch)
     terms = {
-        "image_nll": image_nll(wm.decoder(feat), batch["image"]),
+        "image_nll": decoded_image_nll(wm.decoder, feat, batch["image"], cfg.chunks),
         "reward_nll": gaussian_nll(wm.reward(feat).squeeze(-1), batch["reward"]).mean(),
         "discount_nll": F.binary_cross_entropy_with_logits(
             wm.discount(feat).squeeze(-1).float(), cfg.gamma * (1.0 - batch["is_terminal"].float())),
@@ -827,11 +883,12 @@ def target_update(target, batch, cfg, sources=()):
     lines 10-12: imagination, critic with Eq. (6) (Stage C), actor with Eq. (7).
     """
     with autocast(cfg):
+        if sources:  # the source encoders see the same target observations, before the target's graph exists
+            with torch.no_grad():
+                e_sources = torch.stack([s.wm.encoder(batch["image"]) for s in sources])
         wm_loss, metrics, (h, z), embed = world_model_loss(target.wm, batch, cfg)
         omega, critics = None, None
         if sources:
-            with torch.no_grad():  # the source encoders see the same target observations
-                e_sources = torch.stack([s.wm.encoder(batch["image"]) for s in sources])
             omega, kls = select_source(e_sources, embed)  # App. C
             domain_kl = (omega * kls).sum()  # Eq. (12); Eq. (3) with one source
             metrics["domain_kl"] = domain_kl.detach()
@@ -879,13 +936,13 @@ def source_update(source, batch, cfg, target_batch=None, eta=1.0):
 def learn_behaviour(agent, h, z, is_terminal, cfg, source_critics=None, omega=None):
     """Behaviour losses from the posterior states, each backpropagated at once into its own network.
 
-    The B*T start states go through imagination in cfg.behaviour_chunks parts whose gradients add up, each
+    The B*T start states go through imagination in cfg.chunks parts whose gradients add up, each
     part's losses (means) weighted by its share of the states: the same gradient as one pass, with that
     fraction of the imagination's activation memory (the peak of an update at the paper's size).
     """
     h, z, is_terminal = h.flatten(0, -2), z.flatten(0, -2), is_terminal.flatten()  # (N, D), (N, S*C), (N,)
     metrics = {}
-    for i, part in enumerate(torch.arange(len(h), device=h.device).tensor_split(cfg.behaviour_chunks)):
+    for i, part in enumerate(torch.arange(len(h), device=h.device).tensor_split(cfg.chunks)):
         share = len(part) / len(h)
         with autocast(cfg):
             losses, part_metrics = behaviour_losses(agent, h[part], z[part], is_terminal[part], cfg, source_critics, omega)

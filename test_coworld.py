@@ -596,7 +596,7 @@ def test_cli_bench_prints_a_rate_per_task_and_render():
 def small_cfg(**overrides):
     values = {**C.PRESETS["small"], "device": "cpu", "precision": "float32", "beta2": 1.0, "k": 0.3,
               "alpha": 2.0, "K2": 10, "rounds": 1, "pretrain_steps": 10, "batch_size": 3, "seq_len": 6,
-              "behaviour_chunks": 2}
+              "chunks": 2}
     values.update(overrides)
     return dataclasses.replace(C.Config(), **values)
 
@@ -794,7 +794,7 @@ def test_behaviour_chunks_give_the_same_gradient(monkeypatch):
     monkeypatch.setattr(C.TruncatedNormal, "rsample", lambda self: self.loc.clamp(-0.99, 0.99))
     grads = []
     for chunks in (1, 3):
-        cfg = small_cfg(behaviour_chunks=chunks)
+        cfg = small_cfg(chunks=chunks)
         torch.manual_seed(0)
         target, source = C.Agent(cfg, 5).build_optimisers(), C.Agent(cfg, 5).build_optimisers()
         batch = fake_batch(cfg, 5)
@@ -804,6 +804,51 @@ def test_behaviour_chunks_give_the_same_gradient(monkeypatch):
                      + [metrics["actor_loss"], metrics["critic_loss"], metrics["lambda_return"]])
     for one, parts in zip(*grads):
         torch.testing.assert_close(parts, one, rtol=1e-4, atol=1e-6)
+
+
+def test_decoder_chunks_give_the_plain_gradient():
+    # The decoder's gradient is taken in the forward pass, chunk by chunk (20 frames in 3 uneven parts); the
+    # backward must hand out what plain autograd gives, scaled by the weight the loss gets afterwards.
+    torch.manual_seed(0)
+    decoder = C.Decoder(40, 4)
+    image = torch.randint(0, 256, (4, 5, 64, 64, 3), dtype=torch.uint8)
+    results = []
+    for chunked in (False, True):
+        feat = torch.randn(4, 5, 40, generator=torch.Generator().manual_seed(1)).requires_grad_()
+        decoder.zero_grad()
+        nll = C.decoded_image_nll(decoder, feat, image, 3) if chunked else C.image_nll(decoder(feat), image)
+        (2.5 * nll).backward()
+        results.append([nll.detach(), feat.grad, *(p.grad for p in decoder.parameters())])
+    for plain, chunked in zip(*results):
+        torch.testing.assert_close(chunked, plain, rtol=1e-4, atol=1e-6)
+    with torch.no_grad():
+        torch.testing.assert_close(C.decoded_image_nll(decoder, feat, image, 3), results[0][0], rtol=1e-5, atol=0)
+
+
+def test_decoder_first_layer_as_a_matrix_product_is_the_transposed_convolution():
+    torch.manual_seed(0)
+    decoder = C.Decoder(40, 4)
+    feat = torch.randn(3, 5, 40)
+    plain = decoder.net(decoder.fc(feat).reshape(-1, 128, 1, 1)).permute(0, 2, 3, 1).reshape(3, 5, 64, 64, 3)
+    torch.testing.assert_close(decoder(feat), plain, rtol=1e-5, atol=1e-6)
+
+
+def test_encoder_recomputed_in_chunks_gives_the_plain_gradient():
+    # The encoder's first convolutions are recomputed in the backward pass, 3 uneven chunks of 10 frames;
+    # embedding and gradients must be those of one plain pass.
+    torch.manual_seed(0)
+    encoder = C.Encoder(4).to(memory_format=torch.channels_last)
+    image = torch.randint(0, 256, (2, 5, 64, 64, 3), dtype=torch.uint8)
+    weight = torch.randn(2, 5, encoder.out_dim)
+    results = []
+    for chunks in (1, 3):
+        encoder.chunks = chunks
+        encoder.zero_grad()
+        embed = encoder(image)
+        (weight * embed).sum().backward()
+        results.append([embed.detach(), *(p.grad for p in encoder.parameters())])
+    for plain, chunked in zip(*results):
+        torch.testing.assert_close(chunked, plain, rtol=1e-4, atol=1e-5)
 
 
 def test_world_model_update_leaves_actor_and_critic_alone():
@@ -1078,6 +1123,22 @@ def run_coworld_cli(*args, timeout=600):
                           timeout=timeout, cwd=ROOT)
 
 
+def test_cli_bench_prints_what_an_issue_needs(tmp_path):
+    # Every measurement of `coworld.py bench` at a tiny size: updates under the FLOP counter, acting, the bf16
+    # check and the replay-memory comparison, each a line someone can paste into an issue.
+    out = run_coworld_cli("bench", "--preset", "small", "--batch-size", "2", "--seq-len", "4", "--horizon", "3",
+                          "--precision", "bf16", "--updates", "1", "--env-steps", "0", "--check-updates", "2",
+                          "--replay-steps", "300", "--data-dir", str(tmp_path))
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    for kind in ("target", "source"):
+        line = next(l for l in lines if l.startswith(f"{kind} update:"))
+        assert re.search(r"[1-9]\d* GFLOP .* peak memory \d+\.\d\d GB", line), line
+    assert any(re.match(r"acting: \d+ policy steps/s", l) for l in lines)
+    assert any(l.startswith("bf16 vs float32 over 2 updates") and l.endswith("ok") for l in lines)
+    assert sum("training from 300 dataset steps" in l for l in lines) == 2
+
+
 def kill_run_flags(tmp_path, name):
     return ["--source", "dmc:cartpole_balance", "--target", "dmc:cartpole_swingup",
             *tiny_flags(tmp_path / name, K1=6, K2=40, rounds=2, **{"pretrain-steps": 60, "target-episodes": 3,
@@ -1180,7 +1241,7 @@ def bad_input_cases(tmp_path):
         "bad value": (["--k", "1.5"], "--k must lie in [0, 1]"),
         "bad compile": (["--compile", "sometimes"], "--compile must be auto, on or off"),
         "bad replay images": (["--replay-images", "tape"], "--replay-images must be disk or memory"),
-        "bad chunks": (["--behaviour-chunks", "-2"], "behaviour chunks) must be positive"),
+        "bad chunks": (["--chunks", "-2"], "chunks) must be positive"),
         "unwritable output": (["--logdir", str(tmp_path / "a-file" / "run")], "cannot write"),
     }
 
@@ -1188,9 +1249,9 @@ def bad_input_cases(tmp_path):
 def test_device_dependent_defaults_resolve_on_this_machine():
     cfg = C.parse_args(["--source", "dmc:cartpole_balance", "--target", "dmc:cartpole_swingup"])[1]
     on_cuda = torch.cuda.is_available()
-    assert (cfg.compile, cfg.behaviour_chunks) == (("on", 1) if on_cuda else ("off", 4))
-    cfg = C.parse_args(["--target", "dmc:cartpole_swingup", "--compile", "on", "--behaviour-chunks", "2"])[1]
-    assert (cfg.compile, cfg.behaviour_chunks) == ("on", 2)
+    assert (cfg.compile, cfg.chunks) == (("on", 1) if on_cuda else ("off", 4))
+    cfg = C.parse_args(["--target", "dmc:cartpole_swingup", "--compile", "on", "--chunks", "2"])[1]
+    assert (cfg.compile, cfg.chunks) == ("on", 2)
 
 
 def test_bad_input_gets_one_line_and_exit_code_2(tmp_path, capsys):
