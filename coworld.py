@@ -107,8 +107,8 @@ class Config:
     rho: float = param(1.0, "rho: dynamics backprop vs REINFORCE mix (Eq. 7)")
     beta: float = param(1e-4, "beta: actor entropy scale (Eq. 7)")
     slow_critic_every: int = param(100, "hard copy of the slow target critic every N updates")
-    chunks: int = param(0, "decode the frames and imagine from the start states in this many parts, gradients "
-                           "added up (same gradient, less memory); 0 = auto: 1 on CUDA, 4 on CPU")
+    chunks: int = param(0, "decode the frames, recompute the encoder's first convolutions and imagine from the "
+                           "start states in this many parts (same gradient, less memory); 0 = auto: 1 on CUDA, 4 on CPU")
     adam_eps: float = param(1e-5, "Adam epsilon")
     grad_clip: float = param(100.0, "gradient clipping (global norm, per optimiser)")
     # Interaction
@@ -938,7 +938,7 @@ def learn_behaviour(agent, h, z, is_terminal, cfg, source_critics=None, omega=No
 
     The B*T start states go through imagination in cfg.chunks parts whose gradients add up, each
     part's losses (means) weighted by its share of the states: the same gradient as one pass, with that
-    fraction of the imagination's activation memory (the peak of an update at the paper's size).
+    fraction of the imagination's activation memory.
     """
     h, z, is_terminal = h.flatten(0, -2), z.flatten(0, -2), is_terminal.flatten()  # (N, D), (N, S*C), (N,)
     metrics = {}
