@@ -359,7 +359,7 @@ class Decoder(nn.Module):
     def forward(self, feat):  # (..., F) -> image mean (..., 64, 64, 3)
         lead = feat.shape[:-1]
         # On its 1x1 input the first transposed convolution is one matrix product, computed as such: CPU
-        # convolution kernels are slow for this shape (5 of 18 s of a paper-size bf16 update).
+        # convolution kernels are slow for this shape, most of all in bf16.
         first, k = self.net[0], self.net[0].kernel_size[0]
         x = F.linear(self.fc(feat).reshape(-1, 32 * self.depth), first.weight.flatten(1).T,
                      first.bias.repeat_interleave(k * k)).unflatten(-1, (-1, k, k))  # (N, 4 * depth, 5, 5)
