@@ -74,7 +74,8 @@ class Config:
     alpha: typing.Optional[float] = param(None, "alpha: target critic value constraint scale (Eq. 6); 2 MW/RoboDesk, 1 DMC")
     K1: int = param(20_000, "K1: offline target iterations per round (Alg. 1 line 5)")
     K2: typing.Optional[int] = param(None, "K2: online source steps per round (Alg. 1 line 15); 5e4 MW/RoboDesk, 2e4 DMC")
-    rounds: typing.Optional[int] = param(None, "rounds of Alg. 1's while loop; default: 300k (MW/RoboDesk) or 600k (DMC) iterations")
+    rounds: typing.Optional[int] = param(None, "rounds of Alg. 1's while loop; default: 300k (MW/RoboDesk) or 600k (DMC) "
+                                         "iterations over K1 + K2 (baselines: over K1)")
     eta_start: float = param(1.0, "eta at the start of the online stages (Eq. 5)")
     eta_end: float = param(0.1, "eta at the end of the online stages (Eq. 5)")
     state_alignment: bool = param(True, "Stage A (Eq. 3); --no-state-alignment is the ablation")
@@ -164,8 +165,9 @@ def resolve(cfg: Config, command: str = "train") -> Config:
     suite = SUITES.get(family(cfg.source[0] if command == "online" else cfg.target), SUITES["metaworld"])
     values = {name: suite[name] for name in ("beta2", "k", "alpha", "K2", "pretrain_steps")
               if getattr(cfg, name) is None}
-    if cfg.rounds is None:
-        values["rounds"] = max(1, math.ceil(suite["iterations"] / (cfg.K1 + (values.get("K2") or cfg.K2))))
+    if cfg.rounds is None:  # the baselines' rounds have no online phase (App. D: they train 300k/600k on the target)
+        per_round = cfg.K1 + ((values.get("K2") or cfg.K2) if cfg.method == "coworld" else 0)
+        values["rounds"] = max(1, math.ceil(suite["iterations"] / per_round))
     if cfg.device == "auto":
         values["device"] = "cuda" if torch.cuda.is_available() else "cpu"
     device = values.get("device", cfg.device)
@@ -410,11 +412,15 @@ class RSSM(nn.Module):
     z_t ~ q(z_t | h_t, e_t)                 posterior, 32 categoricals x 32 classes
     z_t ~ p(z_t | h_t)                      prior (an ensemble of priors for the offline-dv2 baseline)
     States are (h, z) with z flattened to (..., stoch * classes); features are [z, h].
+    Actions live in the shared space of size action_size; the model sees only the first env_actions
+    dimensions (its environment's), the rest as zero, exactly as its replay stores them (pad_action).
     """
 
-    def __init__(self, action_size, embed_dim, stoch, classes, deter, hidden, ensemble=1):
+    def __init__(self, action_size, embed_dim, stoch, classes, deter, hidden, ensemble=1, env_actions=None):
         super().__init__()
         self.stoch, self.classes, self.deter = stoch, classes, deter
+        mask = torch.arange(action_size) < (env_actions or action_size)
+        self.register_buffer("action_mask", mask.float(), persistent=False)
         self.img_in = nn.Sequential(nn.Linear(stoch * classes + action_size, hidden), elu())
         self.gru = GRUCell(hidden, deter)
         self.priors = nn.ModuleList(
@@ -432,7 +438,7 @@ class RSSM(nn.Module):
 
     def transition(self, h, z, action):
         """h_t = f(h_{t-1}, z_{t-1}, a_{t-1})."""
-        return self.gru(self.img_in(torch.cat([z, action], -1)), h)
+        return self.gru(self.img_in(torch.cat([z, action * self.action_mask], -1)), h)
 
     def obs_step(self, h, z, action, embed, is_first):
         """One filtering step: reset where an episode starts, transition, then the posterior q(z_t | h_t, e_t)."""
@@ -518,10 +524,11 @@ class Actor(nn.Module):
 class WorldModel(nn.Module):
     """M_phi of Eq. (1): encoder, RSSM, decoder, reward predictor and discount predictor."""
 
-    def __init__(self, cfg, action_size, ensemble=1):
+    def __init__(self, cfg, action_size, ensemble=1, env_actions=None):
         super().__init__()
         self.encoder = Encoder(cfg.cnn_depth, max(cfg.chunks, 1))
-        self.rssm = RSSM(action_size, self.encoder.out_dim, cfg.stoch, cfg.classes, cfg.deter, cfg.hidden, ensemble)
+        self.rssm = RSSM(action_size, self.encoder.out_dim, cfg.stoch, cfg.classes, cfg.deter, cfg.hidden, ensemble,
+                         env_actions)
         self.feat_dim = cfg.stoch * cfg.classes + cfg.deter
         self.decoder = Decoder(self.feat_dim, cfg.cnn_depth)
         self.reward = mlp(self.feat_dim, 1, cfg.mlp_units, cfg.mlp_layers)
@@ -609,7 +616,8 @@ def kl_loss(post, prior, balance, free):
 
 
 def world_model_loss(wm, batch, cfg, reward_term=None):
-    """Eq. (2): -ln p(o|h,z) - ln r(r|h,z) - ln p(gamma|h,z) + beta1 KL[q || p], averaged over (B, T).
+    """Eq. (2) / the first part of Eq. (3): -ln p(o|h,z) - ln r(r|h,z) - ln p(gamma|h,z) + beta1 KL[q || p],
+    averaged over (B, T). Eq. (2) has no beta1; it is Eq. (3)'s, 1 in Table 7, applied to both models.
 
     reward_term maps the reward NLL to the loss's reward term: the source model passes Eq. (5).
     Returns the loss, its terms, the posterior states (h, z) and the embedding e(o).
@@ -785,10 +793,10 @@ def select_source(e_sources, e_target):
 class Agent(nn.Module):
     """One DreamerV2 agent {phi, psi, xi} with its three Adam optimisers and a slow target critic."""
 
-    def __init__(self, cfg, action_size, ensemble=1):
+    def __init__(self, cfg, action_size, ensemble=1, env_actions=None):
         super().__init__()
         self.cfg, self.action_size = cfg, action_size
-        self.wm = WorldModel(cfg, action_size, ensemble).to(memory_format=torch.channels_last)
+        self.wm = WorldModel(cfg, action_size, ensemble, env_actions).to(memory_format=torch.channels_last)
         self.actor = Actor(self.wm.feat_dim, action_size, cfg.mlp_units, cfg.mlp_layers)
         self.critic = mlp(self.wm.feat_dim, 1, cfg.mlp_units, cfg.mlp_layers)
         self.slow_critic = copy.deepcopy(self.critic).requires_grad_(False)
@@ -996,6 +1004,12 @@ class Collector:
                 **({"success": float(episode["success"].any())} if "success" in episode else {})}
 
 
+def discounted_return(rewards, gamma):
+    """What the critic's v(z_0) estimates, for the rewards r_1..r_T that followed the actions: sum_t gamma^t r_t.
+    In Eq. (8), V_0 starts with r_0, the reward that came with o_0 (none at reset), so r_1 is discounted once."""
+    return float(np.sum(np.asarray(rewards, np.float64) * gamma ** np.arange(1, len(rewards) + 1)))
+
+
 def evaluate(agent, env_name, cfg, episodes, video_path=None, random_policy=False, seed_offset=10_000):
     """Deterministic episodes (the policy's mode) in the real simulator: mean/std return, success rate,
     and Figure 5(b)'s comparison of the critic's value estimates with the discounted return achieved."""
@@ -1022,7 +1036,7 @@ def evaluate(agent, env_name, cfg, episodes, video_path=None, random_policy=Fals
             successes.append(float(success))
             if values:
                 start_values.append(values[0])
-                start_returns.append(float(np.sum(np.asarray(rewards) * cfg.gamma ** np.arange(len(rewards)))))
+                start_returns.append(discounted_return(rewards, cfg.gamma))
     finally:
         env.close()
     if frames:
@@ -1120,10 +1134,10 @@ class Run:
         self.source_names = list(cfg.source)
         self.action_size = max(envs.action_size(n) for n in (*self.uses_sources(), *self.target_names()))
         ensemble = cfg.ensemble if cfg.method == "offline-dv2" else 1
-        self.sources = [Agent(cfg, self.action_size).to(self.device).build_optimisers()
-                        for _ in self.uses_sources()]
-        self.target = (Agent(cfg, self.action_size, ensemble).to(self.device).build_optimisers()
-                       if command != "online" else None)
+        self.sources = [Agent(cfg, self.action_size, env_actions=envs.action_size(name)).to(self.device)
+                        .build_optimisers() for name in self.uses_sources()]
+        self.target = (Agent(cfg, self.action_size, ensemble, envs.action_size(cfg.target)).to(self.device)
+                       .build_optimisers() if command != "online" else None)
         self.progress = {"phase": 0, "step": 0, "env_steps": [0] * len(self.sources),
                          "online_steps": [0] * len(self.sources), "episodes": [[] for _ in self.sources],
                          "selected": [0] * len(self.sources)}
@@ -1180,6 +1194,7 @@ class Run:
                  "sources": [s.state() for s in self.sources],
                  "target": self.target.state() if self.target else None,
                  "rng": {"numpy": self.rng.bit_generator.state, "torch": torch.get_rng_state(),
+                         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
                          "python": random.getstate()}}
         atomic_torch_save(state, self.checkpoint_path)
 
@@ -1196,7 +1211,9 @@ class Run:
         self.progress = state["progress"]
         self.selected = torch.tensor(self.progress["selected"], device=self.device)
         self.rng.bit_generator.state = state["rng"]["numpy"]
-        torch.set_rng_state(state["rng"]["torch"])
+        torch.set_rng_state(state["rng"]["torch"].cpu())  # map_location moved it to the device
+        if state["rng"].get("cuda") and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all([s.cpu() for s in state["rng"]["cuda"]])
         random.setstate(state["rng"]["python"])
         if self.command != "evaluate":
             print(f"Resuming from {self.checkpoint_path}: phase {self.progress['phase'] + 1}/{len(self.plan())}, "

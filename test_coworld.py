@@ -637,6 +637,15 @@ def test_lambda_return_matches_a_plain_loop_of_eq8():
     assert not torch.allclose(got.flip(0), expected)
 
 
+def test_true_value_discounts_the_first_reward_once():
+    # Figure 5(b)'s true value against v(z_0): with gamma = 0.5, rewards 1, 2, 4 after three actions give
+    # 0.5 * 1 + 0.25 * 2 + 0.125 * 4 = 1.5; lambda = 1 returns from the same (zero) start reward agree.
+    assert C.discounted_return([1.0, 2.0, 4.0], 0.5) == 1.5
+    reward = torch.tensor([[0.0], [1.0], [2.0], [4.0]])  # r_0..r_3, r_0 the reward that came with o_0
+    V = C.lambda_return(reward, torch.zeros(5, 1), torch.full((4, 1), 0.5), 1.0)
+    assert float(V[0]) == C.discounted_return([1.0, 2.0, 4.0], 0.5)
+
+
 def test_lambda_return_with_lambda_zero_and_one():
     torch.manual_seed(1)
     H, N = 5, 3
@@ -851,6 +860,33 @@ def test_encoder_recomputed_in_chunks_gives_the_plain_gradient():
         torch.testing.assert_close(chunked, plain, rtol=1e-4, atol=1e-5)
 
 
+def test_compiled_steps_compute_what_the_eager_steps_do():
+    # --compile on (the CUDA default) runs here under the CPU backend: the compiled per-step functions give
+    # the eager h, logits, entropy and gradients for the same inputs (only their random draws differ).
+    torch.manual_seed(0)
+    cfg = small_cfg(compile="on", batch_size=2, seq_len=3, horizon=2, chunks=1)
+    compiled = C.Agent(cfg, 5).build_optimisers()
+    eager = C.Agent(dataclasses.replace(cfg, compile="off"), 5)
+    eager.load_state_dict(compiled.state_dict())
+    h, z = torch.randn(4, cfg.deter), F.one_hot(torch.randint(cfg.classes, (4, cfg.stoch)), cfg.classes).flatten(1).float()
+    action, embed = torch.rand(4, 5) * 2 - 1, torch.randn(4, compiled.wm.encoder.out_dim)
+    is_first = torch.tensor([True, False, False, True])
+    outputs = {}
+    for name, agent in (("compiled", compiled), ("eager", eager)):
+        h1, z1, logits = agent.wm.rssm.obs_step(h, z, action, embed, is_first)
+        torch.testing.assert_close(z1.detach().reshape(4, cfg.stoch, cfg.classes).sum(-1), torch.ones(4, cfg.stoch))
+        h2, _ = agent.wm.rssm.img_step(h1, z, action)  # z, not the sampled z1: the same input for both
+        _, _, entropy = agent.actor.sample(torch.cat([z, h2], -1).detach())
+        (h2.square().sum() + logits.square().sum()).backward()
+        grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in agent.wm.rssm.parameters()]
+        outputs[name] = [h1, logits, h2, entropy, *grads]
+    for got, want in zip(outputs["compiled"], outputs["eager"]):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    for _ in range(2):  # a whole update through the compiled steps
+        metrics, ok = C.target_update(compiled, fake_batch(cfg, 5), cfg, [eager.build_optimisers()])
+        assert ok and math.isfinite(float(metrics["model_loss"]))
+
+
 def test_world_model_update_leaves_actor_and_critic_alone():
     cfg = small_cfg()
     agent = C.Agent(cfg, 5).build_optimisers()
@@ -980,6 +1016,24 @@ def test_action_mapping_between_four_and_five_dimensions():
     assert any(np.allclose(stored[0, t], a[:4]) for t in range(4) for a in actions)
 
 
+def test_a_world_model_sees_only_its_environments_action_dimensions():
+    """Meta-World (4-d) in the shared 5-d space: its replay stores the fifth dimension as zero, so its world
+    model must ignore that dimension when acting, imagining and filtering target actions (Stage B)."""
+    torch.manual_seed(0)
+    cfg = small_cfg()
+    source, target = C.Agent(cfg, 5, env_actions=4), C.Agent(cfg, 5, env_actions=5)
+    h, z = torch.randn(3, cfg.deter), torch.randn(3, cfg.stoch * cfg.classes)
+    a = torch.rand(3, 5) * 2 - 1
+    b = torch.cat([a[:, :4], -a[:, 4:]], -1)  # differs in the fifth dimension only
+    torch.testing.assert_close(source.wm.rssm.transition(h, z, a), source.wm.rssm.transition(h, z, b), rtol=0, atol=0)
+    assert not torch.allclose(target.wm.rssm.transition(h, z, a), target.wm.rssm.transition(h, z, b))
+    # The policy's fifth output then gets no gradient through the source model's imagination.
+    feat = C.imagine(source.wm, source.actor, h, z, 3)[0]
+    feat.sum().backward()
+    assert source.wm.rssm.img_in[0].weight.grad[:, -1].abs().max() == 0
+    assert source.wm.rssm.img_in[0].weight.grad[:, -2].abs().max() > 0
+
+
 def test_multi_source_selection_picks_the_closest_encoder():
     torch.manual_seed(0)
     e_target = torch.randn(10, 8)
@@ -1050,6 +1104,8 @@ def test_main_command_end_to_end_and_resume(tmp_path, monkeypatch, capsys):
 
     def stop_after_pretraining(self, *args, **kwargs):
         calls.append(args)
+        masks = [agent.wm.rssm.action_mask.tolist() for agent in (*self.sources, self.target)]
+        assert masks == [[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]]  # Meta-World's 4 of the shared 5 dimensions
         if len(calls) == 2:  # the online co-training phase: simulate a kill before it starts
             raise KeyboardInterrupt
         return original(self, *args, **kwargs)
@@ -1114,6 +1170,7 @@ def test_gpu_coworld_round(tmp_path):
                         **{"pretrain-steps": 40, "target-episodes": 2, "data-dir": tmp_path / "data"})]
     assert C.main(argv) == 0
     assert json.loads((run / "results.json").read_text())["device"] == "cuda"
+    assert C.main(argv) == 0  # resumes the finished run: CPU and CUDA random states come back from the device
 
 
 # ---- Nothing lost: kills, bad input, numerical faults ----
@@ -1244,6 +1301,21 @@ def bad_input_cases(tmp_path):
         "bad chunks": (["--chunks", "-2"], "chunks) must be positive"),
         "unwritable output": (["--logdir", str(tmp_path / "a-file" / "run")], "cannot write"),
     }
+
+
+@pytest.mark.parametrize("source, target, method, expected", [
+    # Table 7 per target suite; rounds: App. D's 300k (MW/RoboDesk) / 600k (DMC) iterations per K1 + K2 for
+    # CoWorld, per K1 for the baselines, which have no online phase.
+    ("metaworld:window-close", "robodesk:open_slide", "coworld", (1.0, 0.3, 2.0, 50_000, 160_000, 5)),
+    ("metaworld:button-press", "metaworld:door-close", "coworld", (1.0, 0.3, 2.0, 50_000, 160_000, 5)),
+    ("dmc:walker_walk", "dmc:walker_uphill", "coworld", (1.5, 0.9, 1.0, 20_000, 600_000, 15)),
+    ("metaworld:button-press", "metaworld:door-close", "offline-dv2", (1.0, 0.3, 2.0, 50_000, 160_000, 15)),
+    ("dmc:walker_walk", "dmc:walker_uphill", "dv2-finetune", (1.5, 0.9, 1.0, 20_000, 600_000, 30)),
+])
+def test_table7_defaults_follow_the_target_suite(source, target, method, expected):
+    cfg = C.parse_args(["--source", source, "--target", target, "--method", method, "--preset", "paper"])[1]
+    assert (cfg.beta2, cfg.k, cfg.alpha, cfg.K2, cfg.pretrain_steps, cfg.rounds) == expected
+    assert (cfg.K1, cfg.horizon, cfg.batch_size, cfg.seq_len, cfg.stoch, cfg.classes) == (20_000, 15, 50, 50, 32, 32)
 
 
 def test_device_dependent_defaults_resolve_on_this_machine():
