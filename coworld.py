@@ -109,7 +109,8 @@ class Config:
     beta: float = param(1e-4, "beta: actor entropy scale (Eq. 7)")
     slow_critic_every: int = param(100, "hard copy of the slow target critic every N updates")
     chunks: int = param(0, "decode the frames, recompute the encoder's first convolutions and imagine from the "
-                           "start states in this many parts (same gradient, less memory); 0 = auto: 1 on CUDA, 4 on CPU")
+                           "start states in this many parts (same gradient, less memory); 0 = auto: 1 on CUDA, 4 on CPU "
+                           "(small preset: 1)")
     adam_eps: float = param(1e-5, "Adam epsilon")
     grad_clip: float = param(100.0, "gradient clipping (global norm, per optimiser)")
     # Interaction
@@ -141,7 +142,7 @@ PRESETS = {
     "paper": {},
     "small": dict(
         batch_size=16, seq_len=16, stoch=16, classes=16, deter=200, hidden=200, cnn_depth=16,
-        mlp_units=200, mlp_layers=2, model_lr=3e-4, actor_lr=8e-5, critic_lr=8e-5,
+        mlp_units=200, mlp_layers=2, model_lr=3e-4, actor_lr=8e-5, critic_lr=8e-5, chunks=1,
         K1=400, K2=2000, rounds=2, pretrain_steps=5000, prefill=1000,
         target_episodes=10, eval_episodes=3, render="fast", replay_capacity=200_000,
         log_every=25, checkpoint_every=250,
@@ -808,7 +809,8 @@ class Agent(nn.Module):
 
     def build_optimisers(self):
         cfg = self.cfg
-        adam = lambda module, lr: torch.optim.Adam(module.parameters(), lr=lr, eps=cfg.adam_eps)
+        # fused: one kernel for all of a network's parameters instead of a dozen operations per tensor
+        adam = lambda module, lr: torch.optim.Adam(module.parameters(), lr=lr, eps=cfg.adam_eps, fused=True)
         self.opts = {"model": adam(self.wm, cfg.model_lr), "actor": adam(self.actor, cfg.actor_lr),
                      "critic": adam(self.critic, cfg.critic_lr)}
         self.params = {"model": list(self.wm.parameters()), "actor": list(self.actor.parameters()),
@@ -1153,11 +1155,15 @@ class Run:
     def open_replay(self, i):
         """The source replay folder, holding exactly the episodes the checkpoint counted: ones saved after
         it (the process died before the next checkpoint) move to orphaned/ and are collected anew."""
-        directory = self.logdir / "replay" / self.source_names[i].replace(":", "-")
+        name = self.source_names[i]
+        directory = self.logdir / "replay" / name.replace(":", "-")
         if directory.is_dir():
             for path in envs.episode_paths(directory)[len(self.progress["episodes"][i]):]:
                 (directory / "orphaned").mkdir(exist_ok=True)
                 os.replace(path, directory / "orphaned" / path.name)
+        # The folder is a dataset too (medium-replay, for --target-data): it records how it was made.
+        envs.write_dataset_info(directory, {"env": name, "render": self.cfg.render, "policy": "online",
+                                            "seed": self.cfg.seed, "action_size": envs.action_size(name)})
         return envs.Replay(directory, self.cfg.replay_capacity, spill_dir(self.cfg))
 
     def target_names(self):

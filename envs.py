@@ -528,16 +528,16 @@ def _atomic_write(path: pathlib.Path, write: Callable) -> None:
             write(file)
         os.replace(temporary, path)
     except BaseException:
-        os.unlink(temporary)
+        temporary.unlink(missing_ok=True)  # open() itself may have failed (read-only folder, full disk)
         raise
 
 
 def _as_flags(values: np.ndarray, key: str, where: str) -> np.ndarray:
-    """bool, or 0/1 integers (DreamerV2 and V-D4RL store flags as uint8), as bool."""
+    """bool, or 0/1 numbers (DreamerV2 and V-D4RL store flags as uint8, Meta-World's success is a float), as bool."""
     if values.dtype == bool:
         return values
-    if not np.issubdtype(values.dtype, np.integer) or not np.isin(values, (0, 1)).all():
-        raise DatasetError(f"{where}: {key} must be bool or 0/1 integers, got {values.dtype}")
+    if not np.issubdtype(values.dtype, np.number) or not np.isin(values, (0, 1)).all():
+        raise DatasetError(f"{where}: {key} must be bool or 0/1 numbers, got {values.dtype}")
     return values.astype(bool)
 
 
@@ -547,7 +547,8 @@ def _check_episode(episode: dict, where: str = "episode") -> dict:
     Layout (N = number of time steps, the reset frame included): image uint8
     (N, H, W, 3); action float (N, A), action[t] led into image[t] (zeros at
     t=0); reward, discount float (N,); is_first, is_last, is_terminal bool (N,)
-    (is_terminal derived from discount == 0 when absent); optional success.
+    (is_terminal derived from discount == 0 when absent; discount in [0, 1] and
+    0 exactly where is_terminal, which only the last step can be); optional success.
     Other keys are dropped. ``where`` (usually the file) starts every error message.
     """
     missing = [key for key in EPISODE_KEYS if key not in episode and key != "is_terminal"]
@@ -576,6 +577,13 @@ def _check_episode(episode: dict, where: str = "episode") -> dict:
         raise DatasetError(f"{where}: arrays have unequal lengths {lengths}")
     if lengths["image"] == 0 or not out["is_first"][0]:
         raise DatasetError(f"{where}: an episode must start with is_first=True")
+    if ((out["discount"] < 0) | (out["discount"] > 1)).any():
+        raise DatasetError(f"{where}: discount must lie in [0, 1]")
+    if not np.array_equal(out["is_terminal"], out["discount"] == 0):
+        raise DatasetError(f"{where}: is_terminal and discount == 0 must mark the same steps (true terminations)")
+    if out["is_terminal"][:-1].any():
+        raise DatasetError(f"{where}: is_terminal at step {int(out['is_terminal'].argmax())}: only the last step "
+                           "of an episode can be terminal")
     return out
 
 
@@ -588,14 +596,23 @@ def save_episode(directory, episode: dict) -> pathlib.Path:
     return path
 
 
-def load_episode(path) -> dict:
-    """Read and validate one episode file (lengths come from the arrays, not the name)."""
+def _read_npz(path, keys=None) -> dict:
+    """The arrays of an .npz file, or only `keys`; any failure is a DatasetError that names the file."""
     try:
         with np.load(path, allow_pickle=False) as data:
-            episode = {key: data[key] for key in data.files}
-    except Exception as exc:  # zip, zlib, pickle and OS errors all mean an unreadable file
+            return {key: data[key] for key in (data.files if keys is None else keys)}
+    except Exception as exc:  # zip, zlib, pickle, OS errors and a missing key all mean an unreadable file
         raise DatasetError(f"{path}: not a readable .npz episode ({type(exc).__name__}: {exc})") from exc
-    return _check_episode(episode, str(path))
+
+
+def load_episode(path) -> dict:
+    """Read and validate one episode file (lengths come from the arrays, not the name)."""
+    return _check_episode(_read_npz(path), str(path))
+
+
+def episode_length(path) -> int:
+    """Time steps in an episode file, from its reward array alone (the images stay on disk)."""
+    return len(_read_npz(path, ["reward"])["reward"])
 
 
 def episode_paths(directory) -> list[pathlib.Path]:
@@ -604,7 +621,8 @@ def episode_paths(directory) -> list[pathlib.Path]:
     Names start with a timestamp in seconds; within one second the
     modification time orders the episodes one process wrote.
     """
-    return sorted(pathlib.Path(directory).glob("*.npz"), key=lambda path: (path.name[:15], path.stat().st_mtime_ns))
+    return sorted(pathlib.Path(directory).glob("*.npz"),
+                  key=lambda path: (path.name[:15], path.stat().st_mtime_ns, path.name))
 
 
 def iter_dataset(directory, action_size: int | None = None, image_size: int = IMAGE_SIZE):
@@ -720,16 +738,16 @@ class Replay:
         return len(self._episodes)
 
     def _load_newest(self) -> None:
-        """Load the newest episodes that fit the capacity, oldest first."""
+        """Load the newest episodes that fit the capacity, oldest first, one at a time: with spill_dir only one
+        episode's images are ever in memory."""
         chosen, steps = [], 0
         for path in reversed(episode_paths(self.directory)):
-            episode = load_episode(path)
-            steps += len(episode["reward"])
+            steps += episode_length(path)
             if steps > self.capacity and chosen:
                 break
-            chosen.append((path, episode))
-        for path, episode in reversed(chosen):
-            self._append(episode, str(path))
+            chosen.append(path)
+        for path in reversed(chosen):
+            self._append(load_episode(path), str(path))
 
     def add(self, episode: dict, save: bool = True) -> None:
         """Add one episode; with save=True also write it to ``directory``."""
@@ -855,8 +873,8 @@ def collect(env_name: str, policy: str, episodes: int, out, seed: int = 0, rende
     if not 0.0 <= epsilon[0] <= epsilon[1] <= 1.0:
         raise EnvError(f"epsilon must be a range inside [0, 1], got {epsilon}")
     out = pathlib.Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise DatasetError(f"{out}: folder is not empty; collect into a new folder")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise DatasetError(f"{out}: not an empty folder; collect into a new folder")
     rng = np.random.default_rng(seed)
     returns, successes, steps = [], [], 0
     with make_env(env_name, seed=seed, render=render, max_steps=max_steps) as env, \
@@ -936,7 +954,7 @@ def build_parser() -> argparse.ArgumentParser:
     make.add_argument("--seed", type=int, default=0)
     make.add_argument("--render", choices=RENDERS, default="default")
     make.add_argument("--max-steps", type=_positive_int, default=None)
-    speed = commands.add_parser("bench", help="print steps per second of one task per family")
+    speed = commands.add_parser("bench", help="print steps per second of a task per family and the modified DMC")
     speed.add_argument("--steps", type=_positive_int, default=100)
     return parser
 
@@ -949,7 +967,9 @@ def main(argv=None) -> int:
                     render=args.render, max_steps=args.max_steps)
         else:
             bench(args.steps)
-    except (EnvError, DatasetError) as exc:
+    except (EnvError, DatasetError, OSError) as exc:
+        if isinstance(exc, OSError) and exc.filename:  # unwritable folder, full disk, ...
+            exc = f"cannot write {exc.filename}: {exc.strerror}"
         print(f"envs.py: error: {exc}", file=sys.stderr)
         return 2
     return 0

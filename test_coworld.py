@@ -354,6 +354,12 @@ def test_failed_save_leaves_nothing(tmp_path, monkeypatch):
         envs.save_episode(tmp_path, synthetic_episode(3))
     assert list(tmp_path.iterdir()) == []
 
+    def no_space(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(envs, "open", no_space, raising=False)  # the temporary file cannot even be created
+    with pytest.raises(OSError, match="No space left"):  # the user sees why, not a missing temporary file
+        envs.save_episode(tmp_path, synthetic_episode(3))
+
 
 def _drop(key):
     return lambda episode: episode.pop(key)
@@ -370,7 +376,10 @@ def _set(key, value):
     (_set("image", lambda v: v.astype(np.float32)), "image must be uint8"),
     (_set("action", lambda v: v[:, 0]), "action must be float"),
     (_set("reward", lambda v: v.astype(np.int64)), "reward must be float"),
-    (_set("is_last", lambda v: v.astype(np.float32)), "is_last must be bool"),
+    (_set("is_last", lambda v: v.astype(np.float32) / 2), "is_last must be bool"),
+    (_set("discount", lambda v: v * 2), "discount must lie in [0, 1]"),
+    (_set("is_terminal", lambda v: np.arange(len(v)) == len(v) - 1), "is_terminal and discount == 0"),
+    (lambda e: (e["is_terminal"].__setitem__(2, True), e["discount"].__setitem__(2, 0.0)), "is_terminal at step 2"),
     (_set("reward", lambda v: v[:-1]), "unequal lengths"),
     (_set("is_first", lambda v: np.zeros_like(v)), "is_first"),
     (_set("reward", lambda v: np.where(np.arange(len(v)) == 2, np.nan, v)), "reward contains NaN"),
@@ -403,10 +412,11 @@ def test_vd4rl_shaped_episode_loads(tmp_path):
     episode["discount"][-1] = 0.0
     for key in ("is_first", "is_last"):
         episode[key] = episode[key].astype(np.uint8)
+    episode["success"] = (np.arange(6) == 5).astype(np.float32)  # Meta-World's info["success"] is a float
     np.savez_compressed(tmp_path / "20220109T012015-0123456789abcdef0123456789abcdef-999.npz", **episode)
     (loaded,) = envs.load_dataset(tmp_path, action_size=6)
     assert loaded["is_first"].dtype == loaded["is_terminal"].dtype == bool
-    assert loaded["is_terminal"].tolist() == [False] * 5 + [True]
+    assert loaded["is_terminal"].tolist() == loaded["success"].tolist() == [False] * 5 + [True]
     assert len(loaded["reward"]) == 6  # from the arrays, not the file name
 
 
@@ -502,6 +512,19 @@ def test_replay_images_on_disk_sample_the_same_and_leave_memory_flat(tmp_path):
     assert np.array_equal(np.asarray(on_disk._episodes[3]["image"]), in_memory._episodes[3]["image"])
 
 
+def test_replay_resumes_from_its_folder_one_episode_at_a_time(tmp_path):
+    for seed in range(20):  # 20 x 40 frames of 12 KB: 9.8 MB of images
+        envs.save_episode(tmp_path / "replay", synthetic_episode(40, seed=seed))
+    tracemalloc.start()
+    try:
+        resumed = envs.Replay(tmp_path / "replay", capacity=10_000, spill_dir=tmp_path / "spill")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert resumed.num_steps == 800
+    assert peak < 2 * 1024 * 1024, f"resuming held {peak} bytes at once"
+
+
 def test_replay_capacity_saving_and_resume(tmp_path):
     replay = envs.Replay(tmp_path, capacity=12)
     for seed in range(4):
@@ -527,14 +550,15 @@ def test_collect_scripted_metaworld(tmp_path):
     summary = envs.collect("metaworld:window-close", "scripted", 2, tmp_path / "data", seed=1,
                            render="fast", max_steps=30)
     assert summary["episodes"] == 2 and summary["steps"] == 60
-    assert summary["min_return"] <= summary["mean_return"] <= summary["max_return"]
-    assert 0.0 <= summary["success_rate"] <= 1.0
     info = envs.read_dataset_info(tmp_path / "data")
     assert (info["env"], info["render"], info["policy"], info["seed"]) == ("metaworld:window-close", "fast", "scripted", 1)
     assert (info["action_size"], info["episodes"], info["steps"], info["epsilon"]) == (4, 2, 60, [0.5, 1.0])
     episodes = envs.load_dataset(tmp_path / "data", action_size=4)
     assert len(episodes) == 2 and all(len(e["reward"]) == 31 and e["success"].dtype == bool for e in episodes)
-    assert np.isclose(sum(e["reward"].sum() for e in episodes) / 2, summary["mean_return"])
+    returns = [e["reward"].sum() for e in episodes]
+    assert np.allclose([np.mean(returns), min(returns), max(returns)],
+                       [summary["mean_return"], summary["min_return"], summary["max_return"]])
+    assert summary["success_rate"] == np.mean([e["success"].any() for e in episodes])
 
 
 def test_collect_epsilon_spreads_returns_from_expert_to_random(tmp_path):
@@ -553,7 +577,7 @@ def test_collect_rejects_bad_requests(tmp_path):
         envs.collect("dmc:walker_walk", "expert", 1, tmp_path / "b")
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "old.npz").write_bytes(b"")
-    with pytest.raises(envs.DatasetError, match="not empty"):
+    with pytest.raises(envs.DatasetError, match="not an empty folder"):
         envs.collect("dmc:walker_walk", "random", 1, tmp_path / "full")
 
 
@@ -572,10 +596,12 @@ def test_cli_collect(tmp_path):
     (["collect", "--env", "dmc:walker_walk", "--policy", "scripted", "--episodes", "1", "--out", "OUT"], "Meta-World"),
     (["collect", "--env", "dmc:walker_walk", "--policy", "random", "--episodes", "0", "--out", "OUT"], "--episodes"),
     (["bench", "--steps", "many"], "--steps"),
+    (["collect", "--env", "dmc:walker_walk", "--policy", "random", "--episodes", "1", "--out", "FILE"], "not an empty folder"),
     ([], "required"),
 ])
 def test_cli_bad_input_is_one_line_and_exit_code_2(tmp_path, args, message):
-    out = run_envs_cli(*[str(tmp_path / "out") if a == "OUT" else a for a in args])
+    (tmp_path / "file").write_text("")
+    out = run_envs_cli(*[str(tmp_path / {"OUT": "out", "FILE": "file"}[a]) if a in ("OUT", "FILE") else a for a in args])
     assert out.returncode == 2
     assert len(out.stderr.strip().splitlines()) == 1 and message in out.stderr, out.stderr
     assert "Traceback" not in out.stderr
@@ -646,6 +672,29 @@ def test_true_value_discounts_the_first_reward_once():
     assert float(V[0]) == C.discounted_return([1.0, 2.0, 4.0], 0.5)
 
 
+def test_a_terminal_start_state_ends_its_imagined_rollout(monkeypatch):
+    # is_terminal from the data sets the start state's discount to 0 (gamma elsewhere): its lambda-return is
+    # its own reward and every later imagined state gets weight 0 in the critic and actor losses.
+    cfg = small_cfg()
+    agent = C.Agent(cfg, 5)
+    seen, lambda_return, critic_loss = {}, C.lambda_return, C.critic_loss
+
+    def spy_lambda_return(reward, value, discount, lambda_):
+        seen.update(reward=reward, discount=discount, V=lambda_return(reward, value, discount, lambda_))
+        return seen["V"]
+
+    def spy_critic_loss(v, V, weight, *args):
+        seen["weight"] = weight
+        return critic_loss(v, V, weight, *args)
+    monkeypatch.setattr(C, "lambda_return", spy_lambda_return)
+    monkeypatch.setattr(C, "critic_loss", spy_critic_loss)
+    h, z = torch.randn(2, cfg.deter), F.one_hot(torch.randint(cfg.classes, (2, cfg.stoch)), cfg.classes).flatten(1).float()
+    C.behaviour_losses(agent, h, z, torch.tensor([True, False]), cfg)
+    assert seen["discount"][0].tolist() == pytest.approx([0.0, cfg.gamma])
+    assert seen["V"][0, 0].item() == pytest.approx(seen["reward"][0, 0].item())
+    assert not seen["weight"][1:, 0].any() and seen["weight"][1:, 1].all()
+
+
 def test_lambda_return_with_lambda_zero_and_one():
     torch.manual_seed(1)
     H, N = 5, 3
@@ -653,6 +702,22 @@ def test_lambda_return_with_lambda_zero_and_one():
     torch.testing.assert_close(C.lambda_return(reward, value, discount, 0.0), reward + 0.9 * value[1:])
     monte_carlo = sum(0.9 ** t * reward[t] for t in range(H)) + 0.9 ** H * value[H]
     torch.testing.assert_close(C.lambda_return(reward, value, discount, 1.0)[0], monte_carlo)
+
+
+def test_eq7_actor_loss_by_hand():
+    # H = 3: states 0 and 1 are scored; the action at state t by V_{t+1}, its advantage against v(z_t).
+    V = torch.tensor([[1.0], [2.0], [3.0]], requires_grad=True)
+    baseline = torch.tensor([[0.5], [1.0], [1.5], [2.0]], requires_grad=True)
+    log_prob = torch.tensor([[-1.0], [-2.0], [-3.0]], requires_grad=True)
+    entropy = torch.tensor([[0.1], [0.2], [0.3]])
+    weight = torch.tensor([[1.0], [0.9], [0.81], [0.729]])
+    loss = C.actor_loss(V, baseline, log_prob, entropy, weight, rho=0.5, beta=0.1)
+    # t=0: 0.5 * 2 + 0.5 * (-1) * (2 - 0.5) + 0.1 * 0.1 = 0.26; t=1: 0.5 * 3 + 0.5 * (-2) * (3 - 1) + 0.02 = -0.48
+    assert loss.item() == pytest.approx(-(1.0 * 0.26 + 0.9 * -0.48) / 2)
+    loss.backward()
+    torch.testing.assert_close(V.grad, torch.tensor([[0.0], [-0.25], [-0.225]]))  # rho term: dynamics backprop
+    torch.testing.assert_close(log_prob.grad, torch.tensor([[-0.375], [-0.45], [0.0]]))  # REINFORCE term
+    assert baseline.grad is None or not baseline.grad.any()  # sg() on the advantage
 
 
 def test_kl_balancing_value_and_gradient_sides():
@@ -762,6 +827,11 @@ def test_is_first_resets_the_state():
     h0 = agent.wm.rssm.transition(*agent.wm.rssm.initial(2, "cpu"), torch.zeros(2, 4))
     for t in range(4):
         torch.testing.assert_close(h[:, t], h0)
+    # A reset in the middle of a window (the replay's seam between episodes): only that step starts anew.
+    batch["is_first"][:] = torch.tensor([True, False, True, False])
+    h, z, _, _ = agent.wm.rssm.observe(agent.wm.encoder(batch["image"]), batch["action"], batch["is_first"])
+    torch.testing.assert_close(h[:, 2], h0)
+    assert not torch.allclose(h[:, 1], h0) and not torch.allclose(h[:, 3], h0)
 
 
 def test_one_update_changes_what_it_should():
@@ -955,8 +1025,16 @@ def test_eq5_eta_schedule_and_mix():
 def test_source_update_uses_eta_and_relabelled_target_reward():
     cfg = small_cfg()
     source = C.Agent(cfg, 5).build_optimisers()
-    metrics, ok = C.source_update(source, fake_batch(cfg, 5), cfg, fake_batch(cfg, 5, seed=1), eta=0.4)
+    target_batch = fake_batch(cfg, 5, seed=1)
+    torch.manual_seed(3)  # the same latent samples for the filtering below and the update's own
+    with torch.no_grad():
+        r_pred = source.wm.reward(source.wm.observe(target_batch)[0]).squeeze(-1)
+    r_tilde = (1 - cfg.k) * r_pred + cfg.k * target_batch["reward"]  # Eq. (4), k = 0.3
+    torch.manual_seed(3)
+    metrics, ok = C.source_update(source, fake_batch(cfg, 5), cfg, target_batch, eta=0.4)
     assert ok and float(metrics["eta"]) == pytest.approx(0.4)
+    assert float(metrics["relabelled_reward"]) == pytest.approx(float(r_tilde.mean()), rel=1e-5)
+    assert float(metrics["relabelled_nll"]) == pytest.approx(float(C.gaussian_nll(r_pred, r_tilde).mean()), rel=1e-5)
     expected = metrics["image_nll"] + 0.4 * metrics["reward_nll"] + metrics["discount_nll"] + metrics["kl_loss"] \
         + 0.6 * metrics["relabelled_nll"]
     assert float(metrics["model_loss"]) == pytest.approx(float(expected), rel=1e-5)
@@ -991,7 +1069,14 @@ def test_target_update_never_trains_the_source_critic():
     target, source = C.Agent(cfg, 5).build_optimisers(), C.Agent(cfg, 5).build_optimisers()
     metrics, ok = C.target_update(target, fake_batch(cfg, 5), cfg, [source])
     assert ok and all(p.grad is None for p in source.parameters())
-    assert 0.0 <= float(metrics["constraint_active"]) <= 1.0 and "source_value" in metrics
+    # A source critic that values every state at +1000 (or -1000) makes the max in Eq. (6) pick it everywhere
+    # (nowhere): the logged share of states where the constraint is active is 0 (1).
+    for value, active in ((1e3, 0.0), (-1e3, 1.0)):
+        with torch.no_grad():
+            source.critic[-1].weight.zero_(), source.critic[-1].bias.fill_(value)
+        metrics, ok = C.target_update(target, fake_batch(cfg, 5), cfg, [source])
+        assert ok and float(metrics["source_value"]) == pytest.approx(value)
+        assert float(metrics["constraint_active"]) == active
 
 
 def test_action_mapping_between_four_and_five_dimensions():
@@ -999,21 +1084,16 @@ def test_action_mapping_between_four_and_five_dimensions():
     a5 = C.pad_action(a4, 5)
     assert a5.shape == (1, 5) and a5[0, 4] == 0 and np.array_equal(a5[:, :4], a4)
     assert np.array_equal(C.pad_action(a5, 5), a5)
-    shared = np.array([0.5, 0.5, 0.5, 0.5, -1.0], np.float32)
-    assert np.array_equal(shared[:4], np.full(4, 0.5, np.float32))  # Meta-World uses the first four
-    # Through the collector: a 5-d agent acting in a 4-d environment stores the first four dimensions.
+    # Through the collector: a 5-d agent acting in a 4-d environment stores the first four dimensions, each
+    # action beside the image it led to (zeros beside the reset frame).
     env = envs.make_env("metaworld:window-close", max_steps=3, render="fast")
-    replay = envs.Replay()
-    collector = C.Collector(env, type("R", (), {"add": lambda self, e: replay.add(e, save=False)})(), 5)
-    rng = np.random.default_rng(0)
-    actions = []
-    for _ in range(3):
-        collector.step(None, random_policy=True, rng=np.random.default_rng(len(actions)))
-        actions.append(np.random.default_rng(len(actions)).uniform(-1, 1, 5).astype(np.float32))
+    added = []
+    collector = C.Collector(env, type("R", (), {"add": lambda self, e: added.append(e)})(), 5)
+    for t in range(3):
+        collector.step(None, random_policy=True, rng=np.random.default_rng(t))
     env.close()
-    stored = replay.sample(1, 4, rng)["action"]
-    assert stored.shape[-1] == 4
-    assert any(np.allclose(stored[0, t], a[:4]) for t in range(4) for a in actions)
+    actions = [np.zeros(4, np.float32)] + [np.random.default_rng(t).uniform(-1, 1, 5)[:4] for t in range(3)]
+    np.testing.assert_allclose(added[0]["action"], np.stack(actions), rtol=1e-6)
 
 
 def test_a_world_model_sees_only_its_environments_action_dimensions():
@@ -1044,7 +1124,7 @@ def test_multi_source_selection_picks_the_closest_encoder():
     assert kls.argmin().item() == 1 and kls[1] < kls[0] and kls[1] < kls[2]
 
 
-def test_multi_source_update_counts_the_selection():
+def test_multi_source_update_weights_the_source_with_the_same_encoder():
     cfg = small_cfg()
     target = C.Agent(cfg, 5).build_optimisers()
     sources = [C.Agent(cfg, 5).build_optimisers() for _ in range(2)]
@@ -1052,6 +1132,18 @@ def test_multi_source_update_counts_the_selection():
     metrics, ok = C.target_update(target, fake_batch(cfg, 5), cfg, sources)
     assert ok and metrics["omega"].tolist() == [0.0, 1.0]
     assert float(metrics["domain_kl"]) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_multi_source_run_counts_its_choices(tmp_path):
+    run = tmp_path / "run"
+    argv = ["--source", "dmc:cartpole_balance", "dmc:walker_walk", "--target", "dmc:cartpole_swingup",
+            *tiny_flags(run, K1=3, K2=10, rounds=1, **{"pretrain-steps": 25, "target-episodes": 1,
+                                                       "data-dir": tmp_path / "data"})]
+    assert C.main(argv) == 0
+    counts = json.loads((run / "results.json").read_text())["source_selected"]  # Table 6
+    assert list(counts) == ["dmc:cartpole_balance", "dmc:walker_walk"] and sum(counts.values()) == 3  # K1 updates
+    state = torch.load(run / "checkpoint.pt", weights_only=False)
+    assert state["progress"]["online_steps"] == [10, 10]  # each source runs its own online stage
 
 
 # ---- Real short runs: the online DreamerV2 agent and the main command ----
@@ -1092,6 +1184,14 @@ def test_online_run_writes_episodes_metrics_video_checkpoint_and_resumes(tmp_pat
     assert any("source0/model_loss" in line for line in lines)
     assert json.loads((run / "config.json").read_text())["source"] == ["dmc:cartpole_balance"]
     assert list((run / "tb").iterdir())
+    # The replay folder is a dataset (medium-replay) that records its render setting: training on it with
+    # another render setting is refused before anything is built.
+    replay = run / "replay" / "dmc-cartpole_balance"
+    assert envs.read_dataset_info(replay)["render"] == "fast"
+    capsys.readouterr()
+    assert C.main(["--target", "dmc:cartpole_balance", "--target-data", str(replay), "--render", "default",
+                   *tiny_flags(tmp_path / "train")]) == 2
+    assert "recorded with render='fast'" in capsys.readouterr().err
 
 
 def test_main_command_end_to_end_and_resume(tmp_path, monkeypatch, capsys):
@@ -1319,9 +1419,11 @@ def test_table7_defaults_follow_the_target_suite(source, target, method, expecte
 
 
 def test_device_dependent_defaults_resolve_on_this_machine():
-    cfg = C.parse_args(["--source", "dmc:cartpole_balance", "--target", "dmc:cartpole_swingup"])[1]
+    cfg = C.parse_args(["--source", "dmc:cartpole_balance", "--target", "dmc:cartpole_swingup", "--preset", "paper"])[1]
     on_cuda = torch.cuda.is_available()
     assert (cfg.compile, cfg.chunks) == (("on", 1) if on_cuda else ("off", 4))
+    cfg = C.parse_args(["--target", "dmc:cartpole_swingup", "--preset", "small"])[1]
+    assert cfg.chunks == 1  # at the small size, splitting costs more time than the memory it saves
     cfg = C.parse_args(["--target", "dmc:cartpole_swingup", "--compile", "on", "--chunks", "2"])[1]
     assert (cfg.compile, cfg.chunks) == ("on", 2)
 
