@@ -834,6 +834,25 @@ def test_is_first_resets_the_state():
     assert not torch.allclose(h[:, 1], h0) and not torch.allclose(h[:, 3], h0)
 
 
+def test_acting_filters_as_training_does():
+    # Agent.act carries (h, z, a_{t-1}) from step to step; replayed with the actions it took, the same images
+    # give the same h in RSSM.observe (the same random draws for z): acting and training see one model.
+    cfg = small_cfg()
+    agent = C.Agent(cfg, 5, env_actions=4)
+    images = torch.randint(0, 256, (4, 64, 64, 3), dtype=torch.uint8)
+    torch.manual_seed(1)
+    state, actions, hs = None, [torch.zeros(5)], []
+    for t in range(4):
+        action, state, _ = agent.act({"image": images[t].numpy(), "is_first": t == 0}, state, explore=False)
+        actions.append(torch.as_tensor(action))
+        hs.append(state[0][0])
+    torch.manual_seed(1)
+    with torch.no_grad():
+        h = agent.wm.rssm.observe(agent.wm.encoder(images[None]), torch.stack(actions[:4])[None],
+                                  torch.tensor([[True, False, False, False]]))[0]
+    torch.testing.assert_close(h[0], torch.stack(hs))
+
+
 def test_one_update_changes_what_it_should():
     cfg = small_cfg()
     target, source = C.Agent(cfg, 5).build_optimisers(), C.Agent(cfg, 5).build_optimisers()
@@ -1192,6 +1211,15 @@ def test_online_run_writes_episodes_metrics_video_checkpoint_and_resumes(tmp_pat
     assert C.main(["--target", "dmc:cartpole_balance", "--target-data", str(replay), "--render", "default",
                    *tiny_flags(tmp_path / "train")]) == 2
     assert "recorded with render='fast'" in capsys.readouterr().err
+
+
+def test_online_run_stops_at_the_stop_return(tmp_path):
+    # The medium-replay recipe: stop once the last 5 episodes average the given return (any return here).
+    run = tmp_path / "run"
+    argv = ["online", "--env", "dmc:cartpole_balance", "--steps", "1000", "--stop-return=-1e9", *tiny_flags(run)]
+    assert C.main(argv) == 0
+    assert len(list((run / "replay" / "dmc-cartpole_balance").glob("*.npz"))) == 5  # 5 episodes of 20 steps
+    assert json.loads((run / "results.json").read_text())["env_steps"] == {"dmc:cartpole_balance": 100}
 
 
 def test_main_command_end_to_end_and_resume(tmp_path, monkeypatch, capsys):
