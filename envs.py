@@ -638,7 +638,8 @@ def iter_dataset(directory, action_size: int | None = None, image_size: int = IM
         episode = load_episode(path)
         found = episode["action"].shape[1]
         if action_size is not None and found != action_size:
-            raise DatasetError(f"{path}: action size {found}, expected {action_size}")
+            raise DatasetError(f"{path}: action size {found}, expected {action_size}: was this dataset recorded on "
+                               "another environment than the target?")
         if episode["image"].shape[1:3] != (image_size, image_size):
             raise DatasetError(f"{path}: image size {episode['image'].shape[1:3]}, expected ({image_size}, {image_size})")
         yield episode
