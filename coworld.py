@@ -1670,9 +1670,7 @@ def main(argv=None):
     except (ConfigError, envs.EnvError, envs.DatasetError, FloatingPointError, OSError) as error:
         if debug:
             traceback.print_exc()
-        if isinstance(error, OSError) and error.filename:  # unwritable folder, full disk, ...
-            error = f"cannot write {error.filename}: {error.strerror}"
-        print(f"coworld.py: error: {error}", file=sys.stderr)
+        print(f"coworld.py: error: {envs.error_message(error)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)

@@ -81,6 +81,13 @@ class DatasetError(ValueError):
     """An offline dataset that is missing or malformed; the message names the file."""
 
 
+def error_message(error: Exception) -> str:
+    """One line for the user: an OSError with a file (unwritable folder, full disk, ...) names the file."""
+    if isinstance(error, OSError) and error.filename:
+        return f"cannot write {error.filename}: {error.strerror}"
+    return str(error)
+
+
 # ---------------------------------------------------------------------------
 # Rendering
 # ---------------------------------------------------------------------------
@@ -969,9 +976,7 @@ def main(argv=None) -> int:
         else:
             bench(args.steps)
     except (EnvError, DatasetError, OSError) as exc:
-        if isinstance(exc, OSError) and exc.filename:  # unwritable folder, full disk, ...
-            exc = f"cannot write {exc.filename}: {exc.strerror}"
-        print(f"envs.py: error: {exc}", file=sys.stderr)
+        print(f"envs.py: error: {error_message(exc)}", file=sys.stderr)
         return 2
     return 0
 
