@@ -18,6 +18,7 @@ training loop cites the lines of Algorithm 1.
 import argparse
 import copy
 import dataclasses
+import fcntl
 import json
 import math
 import os
@@ -72,10 +73,12 @@ class Config:
     beta2: typing.Optional[float] = param(None, "beta2: domain KL loss scale (Eq. 3); 1 MW/RoboDesk, 1.5 DMC")
     k: typing.Optional[float] = param(None, "k: target-informed reward factor (Eq. 4); 0.3 MW/RoboDesk, 0.9 DMC")
     alpha: typing.Optional[float] = param(None, "alpha: target critic value constraint scale (Eq. 6); 2 MW/RoboDesk, 1 DMC")
-    K1: int = param(20_000, "K1: offline target iterations per round (Alg. 1 line 5)")
-    K2: typing.Optional[int] = param(None, "K2: online source steps per round (Alg. 1 line 15); 5e4 MW/RoboDesk, 2e4 DMC")
+    K1: typing.Optional[int] = param(None, "K1: offline target iterations per round (Alg. 1 line 5; Table 7's target "
+                                           "domain update iterations); 5e4 MW/RoboDesk, 2e4 DMC")
+    K2: int = param(20_000, "K2: online source steps per round (Alg. 1 line 15; Table 7's source domain update "
+                            "iterations)")
     rounds: typing.Optional[int] = param(None, "rounds of Alg. 1's while loop; default: 300k (MW/RoboDesk) or 600k (DMC) "
-                                         "iterations over K1 + K2 (baselines: over K1)")
+                                         "target iterations over K1, for every method (App. D)")
     eta_start: float = param(1.0, "eta at the start of the online stages (Eq. 5)")
     eta_end: float = param(0.1, "eta at the end of the online stages (Eq. 5)")
     state_alignment: bool = param(True, "Stage A (Eq. 3); --no-state-alignment is the ablation")
@@ -131,9 +134,9 @@ class Config:
 
 # Table 7's per-suite columns, keyed by the target's family; the last three are per-environment.
 SUITES = {
-    "metaworld": dict(beta2=1.0, k=0.3, alpha=2.0, K2=50_000, iterations=300_000, pretrain_steps=160_000, prefill=5000),
-    "robodesk": dict(beta2=1.0, k=0.3, alpha=2.0, K2=50_000, iterations=300_000, pretrain_steps=160_000, prefill=5000),
-    "dmc": dict(beta2=1.5, k=0.9, alpha=1.0, K2=20_000, iterations=600_000, pretrain_steps=600_000, prefill=2500),
+    "metaworld": dict(beta2=1.0, k=0.3, alpha=2.0, K1=50_000, iterations=300_000, pretrain_steps=160_000, prefill=5000),
+    "robodesk": dict(beta2=1.0, k=0.3, alpha=2.0, K1=50_000, iterations=300_000, pretrain_steps=160_000, prefill=5000),
+    "dmc": dict(beta2=1.5, k=0.9, alpha=1.0, K1=20_000, iterations=600_000, pretrain_steps=600_000, prefill=2500),
 }
 
 # Presets change scale, never code. `small` makes every path run in minutes on a 2-core CPU; its RSSM size
@@ -164,11 +167,10 @@ def resolve(cfg: Config, command: str = "train") -> Config:
     """Fill the per-suite (None) values of Table 7 (the target's suite; online: the environment's), the device
     and the output folder."""
     suite = SUITES.get(family(cfg.source[0] if command == "online" else cfg.target), SUITES["metaworld"])
-    values = {name: suite[name] for name in ("beta2", "k", "alpha", "K2", "pretrain_steps")
+    values = {name: suite[name] for name in ("beta2", "k", "alpha", "K1", "pretrain_steps")
               if getattr(cfg, name) is None}
-    if cfg.rounds is None:  # the baselines' rounds have no online phase (App. D: they train 300k/600k on the target)
-        per_round = cfg.K1 + ((values.get("K2") or cfg.K2) if cfg.method == "coworld" else 0)
-        values["rounds"] = max(1, math.ceil(suite["iterations"] / per_round))
+    if cfg.rounds is None:  # every method trains the target App. D's 300k / 600k iterations
+        values["rounds"] = max(1, math.ceil(suite["iterations"] / max(1, values.get("K1") or cfg.K1)))
     if cfg.device == "auto":
         values["device"] = "cuda" if torch.cuda.is_available() else "cpu"
     device = values.get("device", cfg.device)
@@ -189,7 +191,7 @@ def prefill_steps(cfg, env_name):
     return cfg.prefill if cfg.prefill is not None else SUITES[family(env_name)]["prefill"]
 
 
-def validate(cfg: Config):
+def validate(cfg: Config, command: str = "train"):
     """Reject values that cannot work, with a message that says which flag to change."""
     checks = [
         (cfg.method in METHODS, f"--method must be one of {', '.join(METHODS)}"),
@@ -210,14 +212,20 @@ def validate(cfg: Config):
              cfg.cnn_depth, cfg.mlp_units, cfg.mlp_layers, cfg.train_every, cfg.ensemble, cfg.chunks) > 0,
          "sizes (batch, sequence, horizon, network widths, train-every, ensemble, chunks) must be positive"),
         (cfg.horizon >= 2, "--horizon must be at least 2"),
-        (min(cfg.K1, cfg.K2, cfg.rounds, cfg.pretrain_steps, cfg.eval_episodes, cfg.target_episodes) >= 0,
-         "iteration and episode counts must not be negative"),
+        (min(cfg.K1, cfg.K2, cfg.rounds, cfg.pretrain_steps) >= 0, "iteration counts must not be negative"),
+        (min(cfg.eval_episodes, cfg.target_episodes, cfg.log_every, cfg.checkpoint_every, cfg.slow_critic_every,
+             cfg.replay_capacity, cfg.max_bad_updates, cfg.max_episode_steps or 1) >= 1,
+         "episode counts, --log-every, --checkpoint-every, --slow-critic-every, --replay-capacity, --max-bad-updates "
+         "and --max-episode-steps must be at least 1"),
+        (cfg.seed >= 0, "--seed must not be negative"),
         (len(cfg.source) >= 1, "--source needs at least one environment"),
+        (cfg.method != "dv2-finetune" or len(cfg.source) == 1, "--method dv2-finetune takes one --source"),
     ]
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
-    for name in (*cfg.source, cfg.target):
+    sources = () if command in ("evaluate", "train") and cfg.method == "offline-dv2" else cfg.source
+    for name in cfg.source if command == "online" else (*sources, cfg.target):  # only the environments it uses
         envs.check_env_name(name)
     check_writable(cfg.logdir)
 
@@ -291,12 +299,14 @@ def parse_args(argv):
         given["source"] = tuple(given["source"])
     preset = given.get("preset", "auto")
     if preset == "auto":
-        preset = "paper" if given.get("device", "cuda" if torch.cuda.is_available() else "cpu") == "cuda" else "small"
+        device = given.get("device", "auto")
+        on_cuda = device == "cuda" or device == "auto" and torch.cuda.is_available()
+        preset = "paper" if on_cuda else "small"
     if preset not in PRESETS:
         raise ConfigError(f"--preset must be auto or one of {', '.join(PRESETS)}")
     cfg = dataclasses.replace(Config(), **{**PRESETS[preset], **given, "preset": preset})
     cfg = resolve(cfg, command)
-    validate(cfg)
+    validate(cfg, command)
     return command, cfg, extra
 
 
@@ -379,7 +389,8 @@ def mlp(inp, out, units, layers):
 
 
 class GRUCell(nn.Module):
-    """DreamerV2's GRU: one dense layer on [x, h], LayerNorm of the pre-activations, update gate biased by -1."""
+    """The recurrent transition f of Eq. (1), DreamerV2's GRU: one dense layer on [x, h], LayerNorm of the
+    pre-activations, update gate biased by -1."""
 
     def __init__(self, inp, size):
         super().__init__()
@@ -395,7 +406,8 @@ class GRUCell(nn.Module):
 
 
 def straight_through_sample(logits):
-    """One-hot sample of each categorical latent with straight-through gradients: sample + p - sg(p)."""
+    """z_t of Eq. (1): a one-hot sample of each categorical latent with straight-through gradients,
+    sample + p - sg(p)."""
     logits = logits.float()
     probs = logits.softmax(-1)
     # Gumbel-max: argmax(log p - log E) ~ Categorical(p) for E ~ Exp(1), with no host sync. E = -log(1 - U)
@@ -468,7 +480,8 @@ class RSSM(nn.Module):
 
 
 class TruncatedNormal:
-    """Normal(loc, scale) truncated to [-1, 1]: sample, log_prob and entropy of the truncated law.
+    """The action distribution of pi(a_t | z_t) in Eq. (9): Normal(loc, scale) truncated to [-1, 1], with sample,
+    log_prob and entropy of the truncated law.
 
     The authors' 'truncated normal' was an untruncated Normal (its rsample skipped the override).
     Sampling inverts the CDF, so samples stay in range and carry reparameterised gradients.
@@ -552,7 +565,7 @@ def gaussian_nll(mean, target):
 
 
 def image_nll(mean, image):
-    """-ln p(o | h, z) for a Normal(mean, 1) over every pixel, summed over pixels and averaged over frames."""
+    """Eq. (2)'s -ln p(o | h, z) for a Normal(mean, 1) over every pixel, summed over pixels and averaged over frames."""
     target = preprocess(image)  # (..., 64, 64, 3)
     return (0.5 * F.mse_loss(mean.float(), target, reduction="sum") / target.shape[:-3].numel()
             + 0.5 * math.log(2 * math.pi) * target.shape[-3:].numel())
@@ -598,7 +611,7 @@ def decoded_image_nll(decoder, feat, image, chunks):
 
 
 def categorical_kl(p_logits, q_logits):
-    """KL[p || q] of the categorical latents, summed over the latents: (..., S, C) -> (...)."""
+    """Eq. (2)'s KL[p || q] of the categorical latents, summed over the latents: (..., S, C) -> (...)."""
     p_log = p_logits.float().log_softmax(-1)
     return (p_log.exp() * (p_log - q_logits.float().log_softmax(-1))).sum((-2, -1))
 
@@ -777,8 +790,8 @@ def behaviour_losses(agent, h, z, is_terminal, cfg, source_critics=None, omega=N
 # =============================================================================================
 
 def select_source(e_sources, e_target):
-    """App. C: one-hot weights omega on the source whose encoder, fed the target observations, is closest
-    in KL to the target encoder: omega_i = 1 for argmin_i mean KL[sg(g(e_phi'_i(o^T))) || g(e_phi(o^T))].
+    """App. C, the weights omega of Eq. (12): one-hot on the source whose encoder, fed the target observations, is
+    closest in KL to the target encoder: omega_i = 1 for argmin_i mean KL[sg(g(e_phi'_i(o^T))) || g(e_phi(o^T))].
 
     e_sources: (N, ..., E); e_target: (..., E). Returns omega (N,) and the per-source alignment KLs (N,).
     """
@@ -792,7 +805,8 @@ def select_source(e_sources, e_target):
 # =============================================================================================
 
 class Agent(nn.Module):
-    """One DreamerV2 agent {phi, psi, xi} with its three Adam optimisers and a slow target critic."""
+    """One DreamerV2 agent {phi, psi, xi}: the world model and the actor and critic of Eq. (9), with its three Adam
+    optimisers and a slow target critic."""
 
     def __init__(self, cfg, action_size, ensemble=1, env_actions=None):
         super().__init__()
@@ -1061,21 +1075,6 @@ def write_video(path, frames):
         imageio.mimsave(path.with_suffix(".gif"), frames, duration=50)
 
 
-def atomic_torch_save(obj, path):
-    """Write to a temporary file in the same folder and rename: a killed run never leaves half a checkpoint."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:  # a full disk or a kill: the previous checkpoint stays as it was
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 # =============================================================================================
 # 8. The training loop: Algorithm 1
 # =============================================================================================
@@ -1128,8 +1127,9 @@ class Run:
         self.target_replay = load_target_data(cfg) if command == "train" else None  # Alg. 1 line 1
         self.logdir = Path(cfg.logdir)
         self.logdir.mkdir(parents=True, exist_ok=True)
-        for stale in self.logdir.rglob(".*.tmp*"):  # half-written files of a killed run: never read, removed
-            stale.unlink()
+        if command != "evaluate":  # evaluate only reads: the run may still be writing
+            for stale in self.logdir.rglob(".*.tmp*"):  # half-written files of a killed run: never read, removed
+                stale.unlink()
         self.device = torch.device(cfg.device)
         torch.manual_seed(cfg.seed), np.random.seed(cfg.seed), random.seed(cfg.seed)
         self.rng = np.random.default_rng(cfg.seed)
@@ -1144,13 +1144,14 @@ class Run:
                          "online_steps": [0] * len(self.sources), "episodes": [[] for _ in self.sources],
                          "selected": [0] * len(self.sources)}
         self.checkpoint_path = self.logdir / "checkpoint.pt"
-        self.collecting = None  # (source index, co-training?, collector) during an online phase
-        self.stop_requested = False
+        self.stop_requested = None  # "safe" after one Ctrl-C, "now" after two
         self.selected = torch.zeros(len(self.sources), device=self.device)  # App. C choices (Table 6)
-        self.last_metrics, self.saved_at = {}, 0  # for the progress bar; updates at the last episode-end save
+        self.last_metrics = {}  # for the progress bar
+        self.saved_at = [0] * len(self.sources)  # each source's updates at its last episode-end save
         self.load()
-        self.logger = Logger(self.logdir)
-        self.source_replays = [self.open_replay(i) for i in range(len(self.sources))]
+        if command != "evaluate":
+            self.logger = Logger(self.logdir)
+            self.source_replays = [self.open_replay(i) for i in range(len(self.sources))]
 
     def open_replay(self, i):
         """The source replay folder, holding exactly the episodes the checkpoint counted: ones saved after
@@ -1181,28 +1182,24 @@ class Run:
             phases.append(("finetune-init", 0))
         for r in range(cfg.rounds):  # line 4
             phases.append(("offline", r))  # lines 5-13
-            if cfg.method == "coworld":
+            if cfg.method == "coworld" and r < cfg.rounds - 1:  # after the last round the target is done
                 phases += [("online", i) for i in range(len(self.sources))]  # lines 15-25
         return phases + [("evaluate", 0)]
 
     # -- checkpoints -----------------------------------------------------------------------
     def save(self):
-        """Atomic checkpoint. Counters exclude the episode in progress, which a resumed run collects anew."""
+        """Atomic checkpoint, written at safe points only: after an offline update, at the end of an online
+        episode, at the end of a phase. A killed run resumes from the last one and collects anew the episode
+        that was in progress."""
         progress = copy.deepcopy(self.progress)
         progress["selected"] = self.selected.tolist()
-        if self.collecting and self.collecting[2].obs is not None:
-            i, co_training, collector = self.collecting
-            lost = len(collector.episode) - 1
-            progress["step"] -= lost
-            progress["env_steps"][i] -= lost
-            progress["online_steps"][i] -= lost if co_training else 0
         state = {"config": dataclasses.asdict(self.cfg), "progress": progress,
                  "sources": [s.state() for s in self.sources],
                  "target": self.target.state() if self.target else None,
                  "rng": {"numpy": self.rng.bit_generator.state, "torch": torch.get_rng_state(),
                          "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
                          "python": random.getstate()}}
-        atomic_torch_save(state, self.checkpoint_path)
+        envs.atomic_write(self.checkpoint_path, lambda f: torch.save(state, f))  # a kill keeps the previous one
 
     def load(self):
         if not self.checkpoint_path.exists():
@@ -1227,28 +1224,40 @@ class Run:
 
     # -- phases ----------------------------------------------------------------------------
     def request_stop(self, signum, frame):
-        self.stop_requested = True
+        """The first Ctrl-C stops at the next safe point (save) and writes a checkpoint there; a second one
+        stops at once, and the last checkpoint stands."""
+        if self.stop_requested:
+            self.stop_requested = "now"
+            raise KeyboardInterrupt
+        self.stop_requested = "safe"
+        print("\nstopping at the next safe point (online: the end of this episode); Ctrl-C again stops now, "
+              "keeping the last checkpoint", file=sys.stderr)
 
     def check_stop(self):
         if self.stop_requested:
             raise KeyboardInterrupt
 
     def execute(self):
-        """Run the remaining phases. Ctrl-C (SIGINT) stops at the next safe point and writes a checkpoint."""
+        """Run the remaining phases. Ctrl-C (SIGINT), or SIGTERM (a cluster's preemption notice), stops at the next
+        safe point and writes a checkpoint."""
         in_main_thread = threading.current_thread() is threading.main_thread()
-        previous = signal.signal(signal.SIGINT, self.request_stop) if in_main_thread else None
+        stop_signals = (signal.SIGINT, signal.SIGTERM) if in_main_thread else ()
+        previous = {signum: signal.signal(signum, self.request_stop) for signum in stop_signals}
         try:
             return self.execute_phases()
         except KeyboardInterrupt:
-            if self.stop_requested:
+            if self.stop_requested == "safe":
                 self.save()
                 print(f"\ninterrupted: checkpoint written to {self.checkpoint_path}; run the same command to resume",
                       file=sys.stderr)
+            elif self.stop_requested == "now":
+                print(f"\nstopped: the last checkpoint in {self.checkpoint_path} stands; run the same command to "
+                      f"resume from it", file=sys.stderr)
             raise
         finally:
             self.logger.close()
-            if in_main_thread:
-                signal.signal(signal.SIGINT, previous)
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
 
     def execute_phases(self):
         plan = self.plan()
@@ -1298,7 +1307,6 @@ class Run:
         env = envs.make_env(name, seed=cfg.seed + 1000 * (i + 1) + len(self.progress["episodes"][i]),
                             render=cfg.render, max_steps=cfg.max_episode_steps)
         collector = Collector(env, replay, self.action_size)
-        self.collecting = (i, co_training, collector)
         prefill = prefill_steps(cfg, name)
         bar = progress_bar(steps, self.progress["step"], desc)
         try:
@@ -1313,7 +1321,8 @@ class Run:
                 if not random_policy and self.progress["step"] % cfg.train_every == 0 and replay.num_steps >= cfg.seq_len:
                     batch = self.sample(replay)  # line 16
                     if co_training and cfg.reward_alignment:
-                        eta = eta_schedule(self.progress["online_steps"][i], cfg.rounds * cfg.K2, cfg.eta_start, cfg.eta_end)
+                        eta = eta_schedule(self.progress["online_steps"][i], (cfg.rounds - 1) * cfg.K2, cfg.eta_start,
+                                           cfg.eta_end)
                         metrics, ok = source_update(agent, batch, cfg, self.sample(self.target_replay), eta)  # 19-23
                     else:
                         metrics, ok = source_update(agent, batch, cfg)
@@ -1322,8 +1331,8 @@ class Run:
                     self.end_of_episode(i, episode, bar)
                     if self.reached_stop_return(i):
                         break
-                self.check_stop()
-            self.collecting = None
+                if collector.obs is None:  # between episodes: a checkpoint here is what a resume continues
+                    self.check_stop()
         finally:
             env.close()
             bar.close()
@@ -1333,13 +1342,15 @@ class Run:
         self.logger.write(self.progress["env_steps"][i], f"source{i}/episode", episode)
         bar.set_postfix(ret=f"{episode['return']:.1f}", **summary(self.last_metrics))
         agent = self.sources[i]
-        if agent.updates - self.saved_at >= self.cfg.checkpoint_every:
-            self.saved_at = agent.updates
+        if agent.updates - self.saved_at[i] >= self.cfg.checkpoint_every:
+            self.saved_at[i] = agent.updates
             self.save()
 
     def reached_stop_return(self, i):
+        """The medium-replay recipe: only the online command stops early; Algorithm 1's phases run in full."""
         recent = self.progress["episodes"][i][-5:]
-        return self.cfg.stop_return is not None and len(recent) == 5 and np.mean(recent) >= self.cfg.stop_return
+        return (self.command == "online" and self.cfg.stop_return is not None and len(recent) == 5
+                and np.mean(recent) >= self.cfg.stop_return)
 
     def after_update(self, agent, metrics, ok, prefix, bar, checkpoint=True):
         if not ok:
@@ -1378,22 +1389,18 @@ class Run:
         if len(self.sources) > 1 and self.command != "online":
             result["source_selected"] = dict(zip(self.source_names, self.selected.tolist()))
         result["env_steps"] = dict(zip(self.source_names, self.progress["env_steps"]))
-        write_json(self.logdir / "results.json", result)
+        envs.atomic_write(self.logdir / "results.json", lambda f: f.write(json.dumps(result, indent=2).encode()))
         self.logger.write(agent.updates, "eval", {k: v for k, v in result["eval"].items()
                                                    if isinstance(v, float)})
         return result
 
 
-def write_json(path, obj):
-    tmp = Path(path).with_name(f".{Path(path).name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
-
-
 def check_same_config(saved, cfg, path):
     """A checkpoint only resumes the run it came from: name the fields that differ."""
     current = dataclasses.asdict(cfg)
-    ignore = {"device", "debug", "log_every", "checkpoint_every"}
+    # What may change between a run and its resume or evaluation: where and how it runs, logs and evaluates.
+    ignore = {"device", "debug", "log_every", "checkpoint_every", "max_bad_updates", "logdir", "data_dir",
+              "eval_episodes", "eval_random"}
     diff = [f"{k} ({saved.get(k)!r} -> {current[k]!r})" for k in current
             if k not in ignore and json.dumps(saved.get(k)) != json.dumps(current[k])]
     if diff:
@@ -1410,19 +1417,7 @@ def default_dataset_policy(cfg):
 def load_target_data(cfg):
     """B^(T): the offline dataset (--target-data), or a default one built once with the collect command
     and cached. Its action size and render setting are checked against the target environment."""
-    directory = cfg.target_data
-    if not directory:
-        policy = default_dataset_policy(cfg)
-        directory = (Path(cfg.data_dir) / f"{cfg.target.replace(':', '-')}-{policy}-{cfg.render}-"
-                     f"{cfg.target_episodes}ep-s{cfg.seed}")
-        if envs.read_dataset_info(directory) is None:
-            print(f"No --target-data: building a default dataset for {cfg.target} ({cfg.target_episodes} episodes, "
-                  f"{policy} policy, {cfg.render} render) in {directory}")
-            partial = directory.with_name(directory.name + ".partial")  # a killed collection starts over
-            shutil.rmtree(partial, ignore_errors=True)
-            envs.collect(cfg.target, policy, cfg.target_episodes, partial, seed=cfg.seed + 7,
-                         render=cfg.render, max_steps=cfg.max_episode_steps)
-            os.replace(partial, directory)
+    directory = Path(cfg.target_data) if cfg.target_data else build_default_dataset(cfg)
     info = envs.read_dataset_info(directory) or {}
     if info.get("render") not in (None, cfg.render):
         raise envs.DatasetError(f"{directory}: recorded with render={info['render']!r} but the target environment "
@@ -1440,6 +1435,31 @@ def load_target_data(cfg):
             shutil.rmtree(cfg.logdir, ignore_errors=True)
         raise
     return replay
+
+
+def build_default_dataset(cfg):
+    """The default B^(T), collected once per setting into data_dir. Runs that need the same one at the same time
+    take turns under a file lock: the first builds it, the others wait and read it."""
+    policy = default_dataset_policy(cfg)
+    steps = f"-{cfg.max_episode_steps}steps" if cfg.max_episode_steps else ""
+    directory = (Path(cfg.data_dir) / f"{cfg.target.replace(':', '-')}-{policy}-{cfg.render}-"
+                 f"{cfg.target_episodes}ep{steps}-s{cfg.seed}")
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    with open(directory.parent / f".{directory.name}.lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"waiting for another run that is building {directory}")
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        if envs.read_dataset_info(directory) is None:
+            print(f"No --target-data: building a default dataset for {cfg.target} ({cfg.target_episodes} episodes, "
+                  f"{policy} policy, {cfg.render} render) in {directory}")
+            partial = directory.with_name(directory.name + ".partial")  # a killed collection starts over
+            shutil.rmtree(partial, ignore_errors=True)
+            envs.collect(cfg.target, policy, cfg.target_episodes, partial, seed=cfg.seed + 7,
+                         render=cfg.render, max_steps=cfg.max_episode_steps)
+            os.replace(partial, directory)
+    return directory
 
 
 def spill_dir(cfg):
@@ -1479,6 +1499,8 @@ def command_evaluate(cfg, extra):
         raise ConfigError(f"no checkpoint in {cfg.logdir}: pass the --logdir (and flags) of a run")
     run = Run(cfg, "evaluate")
     result = evaluate(run.target, cfg.target, cfg, cfg.eval_episodes, run.logdir / "videos" / "evaluate.mp4")
+    if cfg.eval_random:
+        result["random_policy"] = evaluate(run.target, cfg.target, cfg, cfg.eval_episodes, random_policy=True)
     print(json.dumps(result, indent=2))
     return 0
 

@@ -98,19 +98,23 @@ def _gl_errors():
     """Turn a failure to load OpenGL into an EnvError naming the Debian package.
 
     Missing GL libraries surface as ImportError, OSError, AttributeError or
-    RuntimeError from deep inside PyOpenGL; none of them says what to install.
-    A missing Python package (ModuleNotFoundError) is passed through unchanged.
+    RuntimeError from deep inside PyOpenGL, or as mujoco.FatalError when a
+    renderer is made; none of them says what to install. A missing Python
+    package (ModuleNotFoundError) is passed through unchanged.
     """
     try:
         yield
     except ModuleNotFoundError:
         raise
-    except (ImportError, OSError, AttributeError, RuntimeError) as exc:
+    except (ImportError, OSError, AttributeError, RuntimeError,
+            getattr(sys.modules.get("mujoco"), "FatalError", RuntimeError)) as exc:
         backend = os.environ.get("MUJOCO_GL", "")
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         package = _GL_PACKAGES.get(backend)
         fix = (f"install the Debian package {package}: apt-get install -y {package}" if package
                else "set MUJOCO_GL=osmesa (CPU) or MUJOCO_GL=egl (NVIDIA GPU)")
+        if backend == "glfw":
+            fix += "; glfw also needs a display (DISPLAY): without one, use osmesa or egl"
         raise EnvError(f"cannot load OpenGL for MUJOCO_GL={backend} ({reason}); {fix}") from exc
 
 
@@ -522,17 +526,21 @@ def make_env(name: str, seed: int = 0, render: str = "default", max_steps: int |
 # ---------------------------------------------------------------------------
 
 
-def _atomic_write(path: pathlib.Path, write: Callable) -> None:
-    """Write via a temporary file in the same folder and os.replace.
+def atomic_write(path, write: Callable) -> None:
+    """Write via a temporary file in the same folder, flushed to disk, and os.replace.
 
-    A killed process then leaves either the old file or the new one, never a
-    half-written one (the temporary name does not match *.npz or dataset.json).
+    A killed process (or a lost machine) then leaves either the old file or the
+    new one, never a half-written one (the temporary name, .<name>.<hex>.tmp,
+    matches no *.npz, dataset.json or checkpoint).
     """
+    path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")  # open() keeps the umask's permissions
     try:
         with open(temporary, "xb") as file:
             write(file)
+            file.flush()
+            os.fsync(file.fileno())
         os.replace(temporary, path)
     except BaseException:
         temporary.unlink(missing_ok=True)  # open() itself may have failed (read-only folder, full disk)
@@ -554,14 +562,18 @@ def _check_episode(episode: dict, where: str = "episode") -> dict:
     Layout (N = number of time steps, the reset frame included): image uint8
     (N, H, W, 3); action float (N, A), action[t] led into image[t] (zeros at
     t=0); reward, discount float (N,); is_first, is_last, is_terminal bool (N,)
-    (is_terminal derived from discount == 0 when absent; discount in [0, 1] and
-    0 exactly where is_terminal, which only the last step can be); optional success.
+    (either derived from the other when absent, as DreamerV2's own replay folders
+    lack discount and V-D4RL's lack is_terminal; discount in [0, 1] and 0 exactly
+    where is_terminal, which only the last step can be); optional success.
     Other keys are dropped. ``where`` (usually the file) starts every error message.
     """
-    missing = [key for key in EPISODE_KEYS if key not in episode and key != "is_terminal"]
+    derivable = ("discount", "is_terminal") if "discount" in episode or "is_terminal" in episode else ()
+    missing = [key for key in EPISODE_KEYS if key not in episode and key not in derivable]
     if missing:
         raise DatasetError(f"{where}: missing key(s) {', '.join(missing)}")
     out = {key: np.asarray(episode[key]) for key in (*EPISODE_KEYS, "success") if key in episode}
+    if "discount" not in out:
+        out["discount"] = (~_as_flags(out["is_terminal"], "is_terminal", where)).astype(np.float32)
     image = out["image"]
     if image.dtype != np.uint8 or image.ndim != 4 or image.shape[-1] != 3:
         raise DatasetError(f"{where}: image must be uint8 (N, H, W, 3), got {image.dtype} {image.shape}")
@@ -599,7 +611,7 @@ def save_episode(directory, episode: dict) -> pathlib.Path:
     episode = _check_episode(episode)
     timestamp = datetime.datetime.now().strftime("%Y%m%dT%H%M%S")
     path = pathlib.Path(directory) / f"{timestamp}-{uuid.uuid4().hex}-{len(episode['reward'])}.npz"
-    _atomic_write(path, lambda file: np.savez_compressed(file, **episode))
+    atomic_write(path, lambda file: np.savez_compressed(file, **episode))
     return path
 
 
@@ -660,7 +672,7 @@ def load_dataset(directory, action_size: int | None = None, image_size: int = IM
 def write_dataset_info(directory, info: dict) -> None:
     """Write ``dataset.json`` (how the episodes beside it were made) atomically."""
     text = json.dumps(info, indent=2, sort_keys=True) + "\n"
-    _atomic_write(pathlib.Path(directory) / DATASET_INFO, lambda file: file.write(text.encode()))
+    atomic_write(pathlib.Path(directory) / DATASET_INFO, lambda file: file.write(text.encode()))
 
 
 def read_dataset_info(directory) -> dict | None:

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 import tracemalloc
+import types
 
 import numpy as np
 import pytest
@@ -125,13 +126,15 @@ def test_gl_backend_is_chosen_before_any_simulator_import():
 def test_missing_gl_library_names_the_debian_package(monkeypatch, backend, package):
     import mujoco
 
-    def no_gl(*args, **kwargs):
-        raise ImportError("Unable to load OpenGL library")
+    for error in (ImportError("Unable to load OpenGL library"),
+                  mujoco.FatalError("an OpenGL platform library has not been loaded into this process")):
+        def no_gl(*args, **kwargs):
+            raise error
 
-    monkeypatch.setattr(mujoco, "Renderer", no_gl)
-    monkeypatch.setenv("MUJOCO_GL", backend)
-    with pytest.raises(envs.EnvError, match=f"apt-get install -y {package}"):
-        envs.make_env("dmc:walker_walk")
+        monkeypatch.setattr(mujoco, "Renderer", no_gl)
+        monkeypatch.setenv("MUJOCO_GL", backend)
+        with pytest.raises(envs.EnvError, match=f"apt-get install -y {package}"):
+            envs.make_env("dmc:walker_walk")
 
 
 def test_default_episode_lengths():
@@ -170,13 +173,14 @@ def test_metaworld_image_is_upright(render):
         assert backdrop.max() - backdrop.min() < 10 and backdrop.mean() > 110, "upper left is not the grey backdrop"
 
 
-def test_metaworld_success_comes_from_the_task_not_the_time_limit():
-    with envs.make_env("metaworld:window-close", render="fast", max_steps=200) as env:
+@pytest.mark.parametrize("task", PAPER_METAWORLD)
+def test_metaworld_success_comes_from_the_task_not_the_time_limit(task):
+    with envs.make_env(f"metaworld:{task}", render="fast", max_steps=200) as env:  # the scripted expert: 40-90 steps
         obs = env.reset()
         while not obs["success"] and not obs["is_last"]:
             obs = env.step(env.expert_action())
         assert obs["success"] and not obs["is_last"]
-    with envs.make_env("metaworld:window-close", render="fast", max_steps=3) as env:
+    with envs.make_env(f"metaworld:{task}", render="fast", max_steps=3) as env:
         observations = play(env)
         assert observations[-1]["is_last"] and not any(obs["success"] for obs in observations)
 
@@ -206,6 +210,14 @@ def test_robodesk_episode():
     with envs.make_env("robodesk:open_slide", render="fast", max_steps=3) as env:
         assert (env.action_size, env.action_repeat, env.has_success) == (5, 1, True)
         check_observations(env, play(env), (0.0, 1.0))
+
+
+@pytest.mark.parametrize("task", ["push_green", "open_drawer", "upright_block_off_table"])
+def test_robodesk_paper_targets_step(task):
+    with envs.make_env(f"robodesk:{task}", render="fast", max_steps=2) as env:
+        observations = play(env)
+        check_observations(env, observations, (0.0, 1.0))
+        assert not observations[0]["success"]
 
 
 def test_robodesk_default_look_is_the_packages_own_render():
@@ -371,7 +383,7 @@ def _set(key, value):
 
 @pytest.mark.parametrize("corrupt, message", [
     (_drop("reward"), "missing key"),
-    (_drop("discount"), "missing key"),
+    (lambda e: (e.pop("discount"), e.pop("is_terminal")), "missing key(s) discount"),
     (_set("image", lambda v: v[..., 0]), "image must be uint8"),
     (_set("image", lambda v: v.astype(np.float32)), "image must be uint8"),
     (_set("action", lambda v: v[:, 0]), "action must be float"),
@@ -418,6 +430,16 @@ def test_vd4rl_shaped_episode_loads(tmp_path):
     assert loaded["is_first"].dtype == loaded["is_terminal"].dtype == bool
     assert loaded["is_terminal"].tolist() == loaded["success"].tolist() == [False] * 5 + [True]
     assert len(loaded["reward"]) == 6  # from the arrays, not the file name
+
+
+def test_dreamerv2_replay_episode_without_discount_loads(tmp_path):
+    # DreamerV2's own replay folders store is_terminal and no discount: discount = 1 - is_terminal.
+    episode = synthetic_episode(6)
+    del episode["discount"]
+    episode["is_terminal"] = (np.arange(6) == 5).astype(np.uint8)
+    np.savez_compressed(tmp_path / "20220109T012015-0123456789abcdef0123456789abcdef-6.npz", **episode)
+    (loaded,) = envs.load_dataset(tmp_path)
+    assert loaded["discount"].dtype == np.float32 and loaded["discount"].tolist() == [1.0] * 5 + [0.0]
 
 
 def test_load_dataset_errors(tmp_path):
@@ -747,6 +769,14 @@ def test_free_nats_clip_each_side():
     assert kl < 1.0 and loss.item() == pytest.approx(1.0)
     loss.backward()
     assert post.grad.abs().max() == 0 and prior.grad.abs().max() == 0
+    # A batch mean above the free nats is kept whole, though half its samples lie below: clipping each sample
+    # instead of the mean would give their mean of max(KL, 1), larger.
+    prior = torch.cat([logits, 3 * torch.randn_like(logits)], 1)
+    post = torch.cat([logits, logits], 1)
+    per_sample = C.categorical_kl(post, prior)  # (1, 4)
+    assert per_sample[0, :2].max() < 1 < per_sample.mean()
+    loss, kl = C.kl_loss(post, prior, balance=0.8, free=1.0)
+    torch.testing.assert_close(loss, per_sample.mean())
 
 
 def test_straight_through_samples_are_one_hot_and_carry_gradient():
@@ -755,8 +785,12 @@ def test_straight_through_samples_are_one_hot_and_carry_gradient():
     hard = sample.detach()
     torch.testing.assert_close(hard.sum(-1), torch.ones(64, 32))
     assert set(hard.round().unique().tolist()) <= {0.0, 1.0}
-    (sample * torch.randn_like(sample)).sum().backward()
-    assert logits.grad is not None and logits.grad.abs().sum() > 0
+    w = torch.randn_like(sample)
+    (sample * w).sum().backward()
+    # sample + p - sg(p): the gradient of the probabilities, not of the logits or the one-hot sample
+    reference = logits.detach().clone().requires_grad_()
+    (reference.softmax(-1) * w).sum().backward()
+    torch.testing.assert_close(logits.grad, reference.grad)
 
 
 def test_straight_through_samples_follow_the_probabilities():
@@ -996,6 +1030,38 @@ def test_non_finite_loss_skips_the_update():
     assert not ok and agent.bad_updates == 1 and not changed(wm, agent.wm) and agent.updates == 0
 
 
+class Constant(torch.nn.Module):
+    """A head (or decoder) whose output is one learnable constant, broadcast to `shape` per input row."""
+
+    def __init__(self, value, shape=(1,)):
+        super().__init__()
+        self.value, self.shape = torch.nn.Parameter(torch.tensor(value)), shape
+
+    def forward(self, feat):  # the 0 * feat keeps the input in the graph, as a real head's would be
+        return self.value + 0 * feat.sum(-1).reshape(*feat.shape[:-1], *[1] * len(self.shape)).expand(
+            *feat.shape[:-1], *self.shape)
+
+
+def test_eq2_world_model_loss_by_hand():
+    # Constant decoder, reward and discount heads: every term of Eq. (2) has a closed form.
+    cfg = small_cfg(beta1=0.5, gamma=0.99)
+    wm = C.Agent(cfg, 5).wm
+    wm.decoder, wm.reward, wm.discount = Constant(0.1, (64, 64, 3)), Constant(0.25), Constant(0.4)
+    batch = fake_batch(cfg, 5, B=2, T=3)
+    batch["is_terminal"][1, 2] = True
+    loss, terms, _, _ = C.world_model_loss(wm, batch, cfg)
+    pixels = batch["image"].double() / 255 - 0.5
+    image = (0.5 * (0.1 - pixels) ** 2).sum() / 6 + 0.5 * math.log(2 * math.pi) * 64 * 64 * 3  # summed over pixels
+    reward = (0.5 * (batch["reward"].double() - 0.25) ** 2).mean() + 0.5 * math.log(2 * math.pi)
+    soft = 0.99 * (1 - batch["is_terminal"].double())  # Bernoulli on gamma * (1 - is_terminal)
+    p = 1 / (1 + math.exp(-0.4))
+    discount = -(soft * math.log(p) + (1 - soft) * math.log(1 - p)).mean()
+    assert float(terms["image_nll"]) == pytest.approx(float(image), rel=1e-5)
+    assert float(terms["reward_nll"]) == pytest.approx(float(reward), rel=1e-5)
+    assert float(terms["discount_nll"]) == pytest.approx(float(discount), rel=1e-5)
+    assert loss.item() == pytest.approx(float(image + reward + discount + 0.5 * terms["kl_loss"]), rel=1e-5)
+
+
 # ---- The CoWorld stages (coworld.py sections 3-6) ----
 
 def test_state_alignment_is_zero_for_equal_encoders_and_trains_only_the_target():
@@ -1042,7 +1108,7 @@ def test_eq5_eta_schedule_and_mix():
 
 
 def test_source_update_uses_eta_and_relabelled_target_reward():
-    cfg = small_cfg()
+    cfg = small_cfg(beta1=0.5)
     source = C.Agent(cfg, 5).build_optimisers()
     target_batch = fake_batch(cfg, 5, seed=1)
     torch.manual_seed(3)  # the same latent samples for the filtering below and the update's own
@@ -1054,9 +1120,30 @@ def test_source_update_uses_eta_and_relabelled_target_reward():
     assert ok and float(metrics["eta"]) == pytest.approx(0.4)
     assert float(metrics["relabelled_reward"]) == pytest.approx(float(r_tilde.mean()), rel=1e-5)
     assert float(metrics["relabelled_nll"]) == pytest.approx(float(C.gaussian_nll(r_pred, r_tilde).mean()), rel=1e-5)
-    expected = metrics["image_nll"] + 0.4 * metrics["reward_nll"] + metrics["discount_nll"] + metrics["kl_loss"] \
+    expected = metrics["image_nll"] + 0.4 * metrics["reward_nll"] + metrics["discount_nll"] + 0.5 * metrics["kl_loss"] \
         + 0.6 * metrics["relabelled_nll"]
     assert float(metrics["model_loss"]) == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_eq5_relabelled_term_trains_only_the_source_reward_head(monkeypatch):
+    # Only Eq. (5)'s relabelled term reaches the gradient: the target sequence was filtered without gradient,
+    # so the encoder, RSSM, decoder and discount head get none and the reward head all of it.
+    cfg = small_cfg()
+    source = C.Agent(cfg, 5).build_optimisers()
+    world_model_loss = C.world_model_loss
+
+    def relabelled_term_only(wm, batch, cfg, reward_term=None):
+        _, terms, state, embed = world_model_loss(wm, batch, cfg, reward_term)
+        return reward_term(torch.zeros(())), terms, state, embed  # (1 - eta) * E_B(T)[-ln r(r~)]
+
+    monkeypatch.setattr(C, "world_model_loss", relabelled_term_only)
+    _, ok = C.source_update(source, fake_batch(cfg, 5), cfg, fake_batch(cfg, 5, seed=1), eta=0.4)
+    assert ok
+    for name, p in source.wm.named_parameters():
+        if name.startswith("reward."):
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+        else:
+            assert p.grad is None or not p.grad.any(), name
 
 
 def test_eq6_gradient_of_the_min_max_constraint():
@@ -1065,12 +1152,17 @@ def test_eq6_gradient_of_the_min_max_constraint():
     weight = torch.tensor([[1.0, 0.5], [0.25, 0.125]])
     V = v.detach().clone()  # zero regression error isolates the constraint
     alpha = 2.0
-    C.critic_loss(v, V, weight, v_source, alpha, "max").backward()
+    loss = C.critic_loss(v, V, weight, v_source, alpha, "max")
+    # (2*1*3 + 2*0.5*0 + 2*0.25*1 + 2*0.125*2) / 4: the max, not a hinge max(v - v_source, 0)
+    assert loss.item() == pytest.approx((6.0 + 0.0 + 0.5 + 0.5) / 4)
+    loss.backward()
     above = (v > v_source).float()
     torch.testing.assert_close(v.grad, alpha * weight * above / v.numel())
     assert v_source.grad is None  # the source critic never receives gradient
     v.grad = None
-    C.critic_loss(v, V, weight, v_source, alpha, "linear").backward()
+    loss = C.critic_loss(v, V, weight, v_source, alpha, "linear")
+    assert loss.item() == pytest.approx((6.0 - 1.0 + 0.25 + 0.5) / 4)  # "w/o Max": alpha * v
+    loss.backward()
     torch.testing.assert_close(v.grad, alpha * weight / v.numel())
 
 
@@ -1096,6 +1188,80 @@ def test_target_update_never_trains_the_source_critic():
         metrics, ok = C.target_update(target, fake_batch(cfg, 5), cfg, [source])
         assert ok and float(metrics["source_value"]) == pytest.approx(value)
         assert float(metrics["constraint_active"]) == active
+
+
+def test_eq3_and_eq12_terms_of_the_target_update():
+    # Two sources with their own encoders: the target's model loss is Eq. (2) + beta2 * the smaller KL of Eq. (12);
+    # without state alignment, Eq. (2) alone.
+    cfg = small_cfg(beta1=0.5, beta2=1.5)
+    target = C.Agent(cfg, 5).build_optimisers()
+    sources = [C.Agent(dataclasses.replace(cfg, seed=s), 5).build_optimisers() for s in (1, 2)]
+    batch = fake_batch(cfg, 5)
+    for state_alignment in (True, False):
+        with torch.no_grad():
+            e_target = target.wm.encoder(batch["image"])
+            kls = torch.stack([C.state_alignment(s.wm.encoder(batch["image"]), e_target).mean() for s in sources])
+        assert kls.min() > 1e-4 and abs(kls[0] - kls[1]) > 1e-6  # a choice that matters
+        metrics, ok = C.target_update(target, batch, dataclasses.replace(cfg, state_alignment=state_alignment), sources)
+        assert ok and metrics["omega"].tolist() == F.one_hot(kls.argmin(), 2).tolist()
+        assert float(metrics["domain_kl"]) == pytest.approx(float(kls.min()), rel=1e-4)
+        eq2 = metrics["image_nll"] + metrics["reward_nll"] + metrics["discount_nll"] + 0.5 * metrics["kl_loss"]
+        expected = eq2 + 1.5 * kls.min() if state_alignment else eq2
+        assert float(metrics["model_loss"]) == pytest.approx(float(expected), rel=1e-5)
+
+
+def constant_critic(agent, value):
+    with torch.no_grad():
+        agent.critic[-1].weight.zero_(), agent.critic[-1].bias.fill_(value)
+
+
+def test_eq6_alpha_and_the_chosen_source_critic_inside_the_target_update():
+    cfg = small_cfg()
+
+    def update(alpha, kind, value=1e3):  # the same target, source and random draws each time
+        torch.manual_seed(0)
+        target, source = C.Agent(cfg, 5).build_optimisers(), C.Agent(cfg, 5).build_optimisers()
+        constant_critic(source, value)
+        run_cfg = dataclasses.replace(cfg, alpha=alpha, value_constraint=kind)
+        return C.target_update(target, fake_batch(cfg, 5), run_cfg, [source])[0]
+
+    # With v_source = 1000 everywhere, max(v, v_source) = 1000 and Eq. (6) adds alpha * 1000 * mean(w).
+    plain = float(update(2.0, "none")["critic_loss"])
+    added = [float(update(alpha, "max")["critic_loss"]) - plain for alpha in (2.0, 4.0)]
+    assert added[0] > 10 and added[1] == pytest.approx(2 * added[0], rel=1e-4)
+    # Two sources valued +5 and -5: the one whose encoder matches the target's (omega) bounds the critic.
+    target = C.Agent(cfg, 5).build_optimisers()
+    sources = [C.Agent(cfg, 5).build_optimisers() for _ in range(2)]
+    for source, value in zip(sources, (5.0, -5.0)):
+        constant_critic(source, value)
+    sources[1].wm.encoder.load_state_dict(target.wm.encoder.state_dict())
+    metrics, ok = C.target_update(target, fake_batch(cfg, 5), cfg, sources)
+    assert ok and float(metrics["source_value"]) == pytest.approx(-5.0)
+
+
+def test_offline_dv2_penalty_by_hand():
+    # Two prior members with fixed logits: uniform, and 3:1:...:1 in every latent. Each member's probabilities
+    # lie ||p0 - p1|| / 2 from their average; imagined rewards drop by penalty times that.
+    cfg = small_cfg(penalty=10.0)
+    torch.manual_seed(0)
+    agent = C.Agent(cfg, 5, ensemble=2)
+    S, K = cfg.stoch, cfg.classes
+    with torch.no_grad():
+        for member, first in zip(agent.wm.rssm.priors, (0.0, math.log(3))):
+            member[-1].weight.zero_()
+            member[-1].bias.copy_(F.one_hot(torch.zeros(S, dtype=torch.long), K).flatten() * first)
+    p0, p1 = np.full(K, 1 / K), np.array([3] + [1] * (K - 1)) / (K + 2)
+    expected = math.sqrt(S * ((p0 - p1) ** 2).sum()) / 2
+    torch.testing.assert_close(C.ensemble_disagreement(agent.wm.rssm, torch.randn(7, cfg.deter)),
+                               torch.full((7,), expected))
+    h, z = torch.randn(6, cfg.deter), torch.zeros(6, S * K)
+    rewards = []
+    for penalty in (0.0, 10.0):
+        torch.manual_seed(1)
+        _, metrics = C.behaviour_losses(agent, h, z, torch.zeros(6, dtype=torch.bool),
+                                        dataclasses.replace(cfg, penalty=penalty))
+        rewards.append(float(metrics["imag_reward"]))
+    assert rewards[0] - rewards[1] == pytest.approx(10 * expected, rel=1e-4)
 
 
 def test_action_mapping_between_four_and_five_dimensions():
@@ -1153,16 +1319,20 @@ def test_multi_source_update_weights_the_source_with_the_same_encoder():
     assert float(metrics["domain_kl"]) == pytest.approx(0.0, abs=1e-6)
 
 
-def test_multi_source_run_counts_its_choices(tmp_path):
+def test_multi_source_run_counts_its_choices(tmp_path, monkeypatch):
     run = tmp_path / "run"
     argv = ["--source", "dmc:cartpole_balance", "dmc:walker_walk", "--target", "dmc:cartpole_swingup",
-            *tiny_flags(run, K1=3, K2=10, rounds=1, **{"pretrain-steps": 25, "target-episodes": 1,
+            *tiny_flags(run, K1=3, K2=10, rounds=2, **{"pretrain-steps": 45, "target-episodes": 1,
                                                        "data-dir": tmp_path / "data"})]
+    save, phases_saved = C.Run.save, []
+    monkeypatch.setattr(C.Run, "save", lambda self: (phases_saved.append(self.progress["phase"]), save(self)))
     assert C.main(argv) == 0
     counts = json.loads((run / "results.json").read_text())["source_selected"]  # Table 6
-    assert list(counts) == ["dmc:cartpole_balance", "dmc:walker_walk"] and sum(counts.values()) == 3  # K1 updates
+    assert list(counts) == ["dmc:cartpole_balance", "dmc:walker_walk"] and sum(counts.values()) == 6  # K1 per round
     state = torch.load(run / "checkpoint.pt", weights_only=False)
-    assert state["progress"]["online_steps"] == [10, 10]  # each source runs its own online stage
+    assert state["progress"]["online_steps"] == [10, 10]  # each source runs its own online stage, between rounds
+    # Each source's pretraining checkpoints at its own episode ends (phase 0, then 1), not only at the phase end.
+    assert 0 in phases_saved and 1 in phases_saved
 
 
 # ---- Real short runs: the online DreamerV2 agent and the main command ----
@@ -1225,7 +1395,7 @@ def test_online_run_stops_at_the_stop_return(tmp_path):
 def test_main_command_end_to_end_and_resume(tmp_path, monkeypatch, capsys):
     run = tmp_path / "run"
     argv = ["--source", "metaworld:window-close", "--target", "robodesk:open_slide",
-            *tiny_flags(run, K1=3, K2=20, rounds=1, **{"pretrain-steps": 40, "target-episodes": 2,
+            *tiny_flags(run, K1=3, K2=20, rounds=2, **{"pretrain-steps": 40, "target-episodes": 2,
                                                        "data-dir": tmp_path / "data"})]
     calls = []
     original = C.Run.online_phase
@@ -1254,16 +1424,35 @@ def test_main_command_end_to_end_and_resume(tmp_path, monkeypatch, capsys):
     assert state["progress"]["online_steps"] == [20]
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     etas = [line["source0/eta"] for line in lines if "source0/eta" in line]
-    assert etas == pytest.approx([0.775, 0.55, 0.325, 0.1])  # Eq. (5): 1 -> 0.1 over rounds * K2 steps
+    assert etas == pytest.approx([0.775, 0.55, 0.325, 0.1])  # Eq. (5): 1 -> 0.1 over the (rounds - 1) * K2 steps
+    assert state["target"]["updates"] == 6  # K1 in each of the two rounds; no online phase after the last
     capsys.readouterr()
-    assert C.main(["evaluate", *argv]) == 0  # the evaluate command reads the finished run
-    assert json.loads(capsys.readouterr().out)["episodes"] == 1
+    # The evaluate command reads the run and changes nothing in it (it may still be training): not a half-written
+    # checkpoint, not the replay; it may use other evaluation settings.
+    (run / ".checkpoint.pt.tmp123").write_bytes(b"in flight")
+    before = snapshot(run / "replay", run / "checkpoint.pt", run / ".checkpoint.pt.tmp123", run / "metrics.jsonl")
+    assert C.main(["evaluate", *argv, "--eval-episodes", "2", "--eval-random"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["episodes"] == 2 and result["random_policy"]["episodes"] == 2
+    assert snapshot(run / "replay", run / "checkpoint.pt", run / ".checkpoint.pt.tmp123", run / "metrics.jsonl") == before
     assert (run / "videos" / "evaluate.mp4").stat().st_size > 0
     assert len(list((tmp_path / "data").glob("*/*.npz"))) == 2  # the default target dataset, cached
 
 
 @pytest.mark.parametrize("method", ["offline-dv2", "dv2-finetune"])
-def test_baselines_run(tmp_path, method):
+def test_baselines_run(tmp_path, monkeypatch, method):
+    offline_phase, entered = C.Run.offline_phase, []
+
+    def check_target(self, desc):  # what the target starts its first offline phase from
+        if not entered:
+            if method == "dv2-finetune":  # the pretrained source's weights
+                source = self.sources[0].state_dict()
+                entered.append(all(torch.equal(v, source[k]) for k, v in self.target.state_dict().items()))
+            else:  # no source at all, an ensemble of priors
+                entered.append(not self.sources and len(self.target.wm.rssm.priors) == 3)
+        return offline_phase(self, desc)
+
+    monkeypatch.setattr(C.Run, "offline_phase", check_target)
     run = tmp_path / method
     argv = ["--source", "dmc:cartpole_balance", "--target", "dmc:cartpole_swingup", "--method", method,
             *tiny_flags(run, K1=2, K2=10, rounds=1, ensemble=3, **{"pretrain-steps": 30, "target-episodes": 2,
@@ -1271,6 +1460,7 @@ def test_baselines_run(tmp_path, method):
     assert C.main(argv) == 0
     results = json.loads((run / "results.json").read_text())
     assert results["method"] == method and math.isfinite(results["eval"]["return_mean"])
+    assert entered == [True]
 
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -1294,7 +1484,7 @@ def test_gpu_bf16_updates():
 def test_gpu_coworld_round(tmp_path):
     run = tmp_path / "run"
     argv = ["--source", "dmc:walker_walk", "--target", "dmc:walker_uphill",
-            *tiny_flags(run, device="cuda", precision="bf16", K1=3, K2=20, rounds=1,
+            *tiny_flags(run, device="cuda", precision="bf16", K1=3, K2=20, rounds=2,
                         **{"pretrain-steps": 40, "target-episodes": 2, "data-dir": tmp_path / "data"})]
     assert C.main(argv) == 0
     assert json.loads((run / "results.json").read_text())["device"] == "cuda"
@@ -1350,7 +1540,7 @@ def uninterrupted(tmp_path_factory):
     return run_summary(tmp_path / "run"), time.time() - start
 
 
-@pytest.mark.parametrize("fraction", [0.2, 0.45, 0.7, 0.9])
+@pytest.mark.parametrize("fraction", [0.15, 0.35, 0.55, 0.75])
 def test_sigkill_at_any_point_then_resume_finishes_like_an_uninterrupted_run(tmp_path, uninterrupted, fraction):
     reference, seconds = uninterrupted
     flags = kill_run_flags(tmp_path, "run")
@@ -1361,6 +1551,7 @@ def test_sigkill_at_any_point_then_resume_finishes_like_an_uninterrupted_run(tmp
     except subprocess.TimeoutExpired:
         process.send_signal(signal.SIGKILL)
         process.wait()
+    assert process.returncode == -signal.SIGKILL, "the run finished before it was killed"
     resumed = run_coworld_cli(*flags)
     assert resumed.returncode == 0, resumed.stderr
     assert run_summary(tmp_path / "run") == reference
@@ -1368,20 +1559,40 @@ def test_sigkill_at_any_point_then_resume_finishes_like_an_uninterrupted_run(tmp
     assert not list(tmp_path.rglob("*.partial"))
 
 
-def test_sigint_writes_a_checkpoint_and_exits_cleanly(tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_sigint_writes_a_checkpoint_and_exits_cleanly(tmp_path, uninterrupted, signum):
     flags = kill_run_flags(tmp_path, "run")
     process = subprocess.Popen([sys.executable, str(ROOT / "coworld.py"), *flags], cwd=ROOT,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
     while not (tmp_path / "run" / "checkpoint.pt").exists() and time.time() < deadline:
         time.sleep(0.2)
-    process.send_signal(signal.SIGINT)
+    process.send_signal(signum)
     _, err = process.communicate(timeout=300)
     if process.returncode == 0:
         pytest.skip("the run finished before the signal arrived")
     assert process.returncode == 130 and "checkpoint written" in err and "Traceback" not in err
     assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["progress"]
     assert run_coworld_cli(*flags).returncode == 0
+    # The checkpoint was written at a safe point (online: an episode's end), so the resumed run ends where an
+    # uninterrupted one does: the same updates, steps and episodes.
+    assert run_summary(tmp_path / "run") == uninterrupted[0]
+
+
+def test_runs_building_the_same_default_dataset_take_turns(tmp_path):
+    # Two processes need the same default dataset at once: one builds it, the other waits and reads it whole.
+    code = ("import sys, coworld as C\n"
+            "cfg = C.parse_args(['--target', 'dmc:cartpole_swingup', '--target-episodes', '3', '--max-episode-steps',"
+            f" '10', '--data-dir', sys.argv[1], '--logdir', sys.argv[1] + '/run'])[1]\n"
+            "print(C.build_default_dataset(cfg))\n")
+    runs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [run.communicate(timeout=300) for run in runs]
+    assert all(run.returncode == 0 for run in runs), [err for _, err in outputs]
+    folders = {out.strip().splitlines()[-1] for out, _ in outputs}
+    assert folders == {str(tmp_path / "dmc-cartpole_swingup-random-fast-3ep-10steps-s0")}  # the episode length counts
+    assert len(envs.load_dataset(folders.pop())) == 3
+    assert not list(tmp_path.glob("*.partial"))
 
 
 def snapshot(*folders):
@@ -1427,23 +1638,43 @@ def bad_input_cases(tmp_path):
         "bad compile": (["--compile", "sometimes"], "--compile must be auto, on or off"),
         "bad replay images": (["--replay-images", "tape"], "--replay-images must be disk or memory"),
         "bad chunks": (["--chunks", "-2"], "chunks) must be positive"),
+        "zero checkpoint interval": (["--checkpoint-every", "0"], "--checkpoint-every"),
+        "negative seed": (["--seed", "-1"], "--seed must not be negative"),
+        "finetune from two sources": (["--method", "dv2-finetune", "--source", "dmc:walker_walk", "dmc:cartpole_balance"],
+                                      "dv2-finetune takes one --source"),
         "unwritable output": (["--logdir", str(tmp_path / "a-file" / "run")], "cannot write"),
     }
 
 
 @pytest.mark.parametrize("source, target, method, expected", [
-    # Table 7 per target suite; rounds: App. D's 300k (MW/RoboDesk) / 600k (DMC) iterations per K1 + K2 for
-    # CoWorld, per K1 for the baselines, which have no online phase.
-    ("metaworld:window-close", "robodesk:open_slide", "coworld", (1.0, 0.3, 2.0, 50_000, 160_000, 5)),
-    ("metaworld:button-press", "metaworld:door-close", "coworld", (1.0, 0.3, 2.0, 50_000, 160_000, 5)),
-    ("dmc:walker_walk", "dmc:walker_uphill", "coworld", (1.5, 0.9, 1.0, 20_000, 600_000, 15)),
-    ("metaworld:button-press", "metaworld:door-close", "offline-dv2", (1.0, 0.3, 2.0, 50_000, 160_000, 15)),
+    # Table 7 per target suite (K1: the target's update iterations, 5e4 / 2e4); rounds: App. D's 300k (MW/RoboDesk)
+    # / 600k (DMC) target iterations over K1, the same for CoWorld and the baselines.
+    ("metaworld:window-close", "robodesk:open_slide", "coworld", (1.0, 0.3, 2.0, 50_000, 160_000, 6)),
+    ("metaworld:button-press", "metaworld:door-close", "coworld", (1.0, 0.3, 2.0, 50_000, 160_000, 6)),
+    ("dmc:walker_walk", "dmc:walker_uphill", "coworld", (1.5, 0.9, 1.0, 20_000, 600_000, 30)),
+    ("metaworld:button-press", "metaworld:door-close", "offline-dv2", (1.0, 0.3, 2.0, 50_000, 160_000, 6)),
     ("dmc:walker_walk", "dmc:walker_uphill", "dv2-finetune", (1.5, 0.9, 1.0, 20_000, 600_000, 30)),
 ])
 def test_table7_defaults_follow_the_target_suite(source, target, method, expected):
     cfg = C.parse_args(["--source", source, "--target", target, "--method", method, "--preset", "paper"])[1]
-    assert (cfg.beta2, cfg.k, cfg.alpha, cfg.K2, cfg.pretrain_steps, cfg.rounds) == expected
-    assert (cfg.K1, cfg.horizon, cfg.batch_size, cfg.seq_len, cfg.stoch, cfg.classes) == (20_000, 15, 50, 50, 32, 32)
+    assert (cfg.beta2, cfg.k, cfg.alpha, cfg.K1, cfg.pretrain_steps, cfg.rounds) == expected
+    assert (cfg.K2, cfg.horizon, cfg.batch_size, cfg.seq_len, cfg.stoch, cfg.classes) == (20_000, 15, 50, 50, 32, 32)
+
+
+def test_algorithm1_plan_has_no_online_phase_after_the_last_round():
+    cfg = small_cfg(rounds=3)
+    plan = C.Run.plan(types.SimpleNamespace(cfg=cfg, sources=[None, None], command="train"))
+    assert plan == [("pretrain", 0), ("pretrain", 1), ("offline", 0), ("online", 0), ("online", 1), ("offline", 1),
+                    ("online", 0), ("online", 1), ("offline", 2), ("evaluate", 0)]
+    plan = C.Run.plan(types.SimpleNamespace(cfg=dataclasses.replace(cfg, method="offline-dv2"), sources=[], command="train"))
+    assert plan == [("offline", 0), ("offline", 1), ("offline", 2), ("evaluate", 0)]
+
+
+def test_stop_return_stops_the_online_command_only():
+    cfg = small_cfg(stop_return=0.0)
+    for command, stops in (("online", True), ("train", False)):
+        run = types.SimpleNamespace(cfg=cfg, command=command, progress={"episodes": [[1.0] * 5]})
+        assert C.Run.reached_stop_return(run, 0) == stops
 
 
 def test_device_dependent_defaults_resolve_on_this_machine():
@@ -1454,6 +1685,13 @@ def test_device_dependent_defaults_resolve_on_this_machine():
     assert cfg.chunks == 1  # at the small size, splitting costs more time than the memory it saves
     cfg = C.parse_args(["--target", "dmc:cartpole_swingup", "--compile", "on", "--chunks", "2"])[1]
     assert (cfg.compile, cfg.chunks) == ("on", 2)
+
+
+def test_device_auto_picks_the_paper_preset_on_a_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for flags in ([], ["--device", "auto"]):  # the default, whether typed or not
+        cfg = C.parse_args(["--source", "dmc:walker_walk", "--target", "dmc:walker_uphill", *flags])[1]
+        assert (cfg.preset, cfg.device, cfg.batch_size, cfg.precision) == ("paper", "cuda", 50, "bf16")
 
 
 def test_bad_input_gets_one_line_and_exit_code_2(tmp_path, capsys):
@@ -1534,6 +1772,16 @@ def test_every_function_in_the_paper_to_code_map_exists():
         for part in name.split("."):
             assert hasattr(obj, part), f"README names {name}, which coworld.py does not define"
             obj = getattr(obj, part)
+    # Each function of an equation's row cites that equation in its docstring ("Eq. (6)", "Eq. 6", "Eq. (4, 5)").
+    rows = re.findall(r"^\| Eq\. \((\d+)\) \|[^|]*\|([^|]*)\|", section, re.M)
+    assert len(rows) == 12
+    for number, names in rows:
+        for name in re.findall(r"`([\w.]+)`", names):
+            doc = C
+            for part in name.split("."):
+                doc = getattr(doc, part)
+            cited = {n for group in re.findall(r"Eq\.\s*\(?([\d, ]+)", doc.__doc__ or "") for n in re.findall(r"\d+", group)}
+            assert number in cited, f"{name} is README's code for Eq. ({number}), but its docstring does not cite it"
 
 
 def test_every_command_in_the_readme_parses():
