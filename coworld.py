@@ -224,8 +224,8 @@ def validate(cfg: Config, command: str = "train"):
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
-    sources = () if command in ("evaluate", "train") and cfg.method == "offline-dv2" else cfg.source
-    for name in cfg.source if command == "online" else (*sources, cfg.target):  # only the environments it uses
+    used = cfg.source if command == "online" else (*(() if cfg.method == "offline-dv2" else cfg.source), cfg.target)
+    for name in used:  # only the environments the command uses: the others need not be installed
         envs.check_env_name(name)
     check_writable(cfg.logdir)
 
@@ -1224,8 +1224,8 @@ class Run:
 
     # -- phases ----------------------------------------------------------------------------
     def request_stop(self, signum, frame):
-        """The first Ctrl-C stops at the next safe point (save) and writes a checkpoint there; a second one
-        stops at once, and the last checkpoint stands."""
+        """The first Ctrl-C (or SIGTERM) stops at the next safe point (see save) and writes a checkpoint there; a
+        second one stops at once, and the last checkpoint stands."""
         if self.stop_requested:
             self.stop_requested = "now"
             raise KeyboardInterrupt
@@ -1454,11 +1454,8 @@ def build_default_dataset(cfg):
         if envs.read_dataset_info(directory) is None:
             print(f"No --target-data: building a default dataset for {cfg.target} ({cfg.target_episodes} episodes, "
                   f"{policy} policy, {cfg.render} render) in {directory}")
-            partial = directory.with_name(directory.name + ".partial")  # a killed collection starts over
-            shutil.rmtree(partial, ignore_errors=True)
-            envs.collect(cfg.target, policy, cfg.target_episodes, partial, seed=cfg.seed + 7,
+            envs.collect(cfg.target, policy, cfg.target_episodes, directory, seed=cfg.seed + 7,
                          render=cfg.render, max_steps=cfg.max_episode_steps)
-            os.replace(partial, directory)
     return directory
 
 

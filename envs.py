@@ -880,7 +880,10 @@ def collect(env_name: str, policy: str, episodes: int, out, seed: int = 0, rende
 
     policy: "random" (uniform actions, any env) or "scripted" (Meta-World's
     experts; each episode draws its epsilon uniformly from ``epsilon``).
-    Returns (and prints) a summary: episodes, steps, return mean/min/max, success rate.
+    The episodes go to a hidden folder beside ``out`` that becomes ``out`` when
+    complete: a killed collection leaves no partial dataset, and the next one
+    starts over. Returns (and prints) a summary: episodes, steps, return
+    mean/min/max, success rate.
     """
     from tqdm import tqdm
 
@@ -895,6 +898,8 @@ def collect(env_name: str, policy: str, episodes: int, out, seed: int = 0, rende
     out = pathlib.Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise DatasetError(f"{out}: not an empty folder; collect into a new folder")
+    partial = out.with_name(f".{out.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
     rng = np.random.default_rng(seed)
     returns, successes, steps = [], [], 0
     with make_env(env_name, seed=seed, render=render, max_steps=max_steps) as env, \
@@ -905,7 +910,7 @@ def collect(env_name: str, policy: str, episodes: int, out, seed: int = 0, rende
             else:
                 act = lambda obs: rng.uniform(-1, 1, env.action_size)  # noqa: E731
             episode = run_episode(env, act)
-            save_episode(out, episode)
+            save_episode(partial, episode)
             returns.append(float(episode["reward"].sum()))
             steps += len(episode["reward"]) - 1
             shown = {"return": f"{returns[-1]:.1f}"}
@@ -920,9 +925,12 @@ def collect(env_name: str, policy: str, episodes: int, out, seed: int = 0, rende
         "mean_return": float(np.mean(returns)), "min_return": min(returns), "max_return": max(returns),
         "success_rate": float(np.mean(successes)) if successes else None,
     }
-    write_dataset_info(out, {"env": env_name, "render": render, "policy": policy, "seed": seed,
-                             "epsilon": list(epsilon) if policy == "scripted" else None,
-                             "action_size": action_size, "max_steps": episode_steps, **summary})
+    write_dataset_info(partial, {"env": env_name, "render": render, "policy": policy, "seed": seed,
+                                 "epsilon": list(epsilon) if policy == "scripted" else None,
+                                 "action_size": action_size, "max_steps": episode_steps, **summary})
+    if out.exists():
+        out.rmdir()  # empty, checked above
+    os.replace(partial, out)
     print(json.dumps(summary))
     return summary
 

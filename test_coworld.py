@@ -603,6 +603,24 @@ def test_collect_rejects_bad_requests(tmp_path):
         envs.collect("dmc:walker_walk", "random", 1, tmp_path / "full")
 
 
+def test_an_interrupted_collection_leaves_no_dataset(tmp_path, monkeypatch):
+    run_episode, calls = envs.run_episode, []
+
+    def killed_at_the_second(env, act):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return run_episode(env, act)
+
+    monkeypatch.setattr(envs, "run_episode", killed_at_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        envs.collect("dmc:walker_walk", "random", 3, tmp_path / "d", render="fast", max_steps=3)
+    assert not (tmp_path / "d").exists()  # nothing that --target-data could take for a dataset
+    monkeypatch.undo()
+    envs.collect("dmc:walker_walk", "random", 3, tmp_path / "d", render="fast", max_steps=3)  # starts over
+    assert len(envs.load_dataset(tmp_path / "d")) == 3 and sorted(p.name for p in tmp_path.iterdir()) == ["d"]
+
+
 def test_cli_collect(tmp_path):
     out = run_envs_cli("collect", "--env", "dmc:walker_walk", "--policy", "random", "--episodes", "2",
                        "--out", str(tmp_path / "d"), "--render", "fast", "--max-steps", "3", "--seed", "4")
