@@ -994,15 +994,16 @@ def to_torch(batch, action_size, device):
 
 class Collector:
     """Steps one environment with a policy and writes each finished episode to a replay folder
-    (Alg. 1 line 3 and line 24). A killed run drops the episode in progress; saved ones are kept."""
+    (Alg. 1 line 3 and line 24). A killed run drops the episode in progress; saved ones are kept.
+    episode_seed() seeds each episode's start, so a resumed run meets the episodes an uninterrupted one would."""
 
-    def __init__(self, env, replay, action_size):
-        self.env, self.replay, self.action_size = env, replay, action_size
+    def __init__(self, env, replay, action_size, episode_seed):
+        self.env, self.replay, self.action_size, self.episode_seed = env, replay, action_size, episode_seed
         self.obs = None
 
     def step(self, agent, explore=True, random_policy=False, rng=None):
         if self.obs is None:
-            self.obs, self.policy_state = self.env.reset(), None
+            self.obs, self.policy_state = self.env.reset(seed=self.episode_seed()), None
             self.episode = [(self.obs, np.zeros(self.env.action_size, np.float32))]
         if random_policy:
             action = rng.uniform(-1, 1, self.action_size).astype(np.float32)
@@ -1304,9 +1305,9 @@ class Run:
         """
         cfg, agent, replay = self.cfg, self.sources[i], self.source_replays[i]
         name = self.source_names[i]
-        env = envs.make_env(name, seed=cfg.seed + 1000 * (i + 1) + len(self.progress["episodes"][i]),
-                            render=cfg.render, max_steps=cfg.max_episode_steps)
-        collector = Collector(env, replay, self.action_size)
+        env = envs.make_env(name, render=cfg.render, max_steps=cfg.max_episode_steps)
+        episode_seed = lambda: cfg.seed + 1000 * (i + 1) + len(self.progress["episodes"][i])
+        collector = Collector(env, replay, self.action_size, episode_seed)
         prefill = prefill_steps(cfg, name)
         bar = progress_bar(steps, self.progress["step"], desc)
         try:

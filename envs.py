@@ -182,8 +182,11 @@ class Env:
         self._steps = 0
         self._done = True  # step() before reset() is an error
 
-    def reset(self) -> dict:
-        """Start a new episode and return its first observation."""
+    def reset(self, seed: int | None = None) -> dict:
+        """Start a new episode and return its first observation; with ``seed``, first reseed the task's random
+        initial state, so that the episode's start depends on that seed alone."""
+        if seed is not None:
+            self._reseed(seed)
         self._reset_sim()
         self._steps = 0
         return self._observe(0.0, is_first=True, is_terminal=False)
@@ -232,6 +235,9 @@ class Env:
             obs["success"] = self._success()
         return obs
 
+    def _reseed(self, seed: int) -> None:
+        raise NotImplementedError
+
     def _reset_sim(self) -> None:
         raise NotImplementedError
 
@@ -273,6 +279,9 @@ class MetaWorldEnv(Env):
         with warnings.catch_warnings():  # "Constant(s) may be too high": we clip, as the env would
             warnings.simplefilter("ignore", UserWarning)
             return np.clip(self._policy.get_action(self._state), -1.0, 1.0)
+
+    def _reseed(self, seed):
+        self._sim.seed(seed)
 
     def _reset_sim(self):
         self._state, _ = self._sim.reset()
@@ -354,6 +363,9 @@ class RoboDeskEnv(Env):
         physics = self._sim.physics
         camera = _Camera(physics.model.ptr, physics.data.ptr, 120, view, render == "fast", finish=_robodesk_finish)
         super().__init__(f"robodesk:{task}", 5, 1, max_steps or 500, render, camera)
+
+    def _reseed(self, seed):
+        self._rng = np.random.RandomState(seed)
 
     def _reset_sim(self):
         with _global_numpy_rng(self._rng):
@@ -439,6 +451,9 @@ class DMCEnv(Env):
         action_size = self._sim.action_spec().shape[0]
         default_steps = _DMC_TIME_LIMIT // _DMC_ACTION_REPEAT
         super().__init__(f"dmc:{task}", action_size, _DMC_ACTION_REPEAT, max_steps or default_steps, render, camera)
+
+    def _reseed(self, seed):
+        self._sim.task.random.seed(seed)
 
     def _reset_sim(self):
         self._sim.reset()

@@ -143,6 +143,17 @@ def test_default_episode_lengths():
             assert (env.max_steps, env.action_repeat) == (500, repeat), name
 
 
+@pytest.mark.parametrize("name", ["metaworld:window-close", "robodesk:open_slide", "dmc:walker_walk"])
+def test_reset_with_a_seed_starts_the_same_episode(name):
+    # What a resumed run relies on to meet the episodes an uninterrupted one would.
+    with envs.make_env(name, render="fast", max_steps=2) as env:
+        first = env.reset(seed=3)["image"]
+        env.step(np.ones(env.action_size))
+        other = env.reset(seed=4)["image"]
+        again = env.reset(seed=3)["image"]
+    assert np.array_equal(first, again) and not np.array_equal(first, other)
+
+
 # -- Meta-World
 
 
@@ -1546,29 +1557,34 @@ def run_summary(logdir):
             "episodes": len(state["progress"]["episodes"][0]),
             "updates": (state["sources"][0]["updates"], state["target"]["updates"]),
             "files": len(episodes), "lengths": sorted(int(p.stem.rsplit("-", 1)[1]) for p in episodes),
-            "results": json.loads((logdir / "results.json").read_text())["env_steps"]}
+            "results": json.loads((logdir / "results.json").read_text())["env_steps"],
+            # Episodes start from seeds of their index and the RNG states come back: the same returns, too.
+            "returns": state["progress"]["episodes"],
+            "eval": json.loads((logdir / "results.json").read_text())["eval"]["return_mean"]}
 
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("uninterrupted")
-    start = time.time()
     done = run_coworld_cli(*kill_run_flags(tmp_path, "run"))
     assert done.returncode == 0, done.stderr
-    return run_summary(tmp_path / "run"), time.time() - start
+    return run_summary(tmp_path / "run")
 
 
-@pytest.mark.parametrize("fraction", [0.15, 0.35, 0.55, 0.75])
-def test_sigkill_at_any_point_then_resume_finishes_like_an_uninterrupted_run(tmp_path, uninterrupted, fraction):
-    reference, seconds = uninterrupted
+@pytest.mark.parametrize("episodes, delay", [(1, 0.0), (3, 0.0), (3, 0.4), (4, 0.0), (5, 0.1)])
+def test_sigkill_at_any_point_then_resume_finishes_like_an_uninterrupted_run(tmp_path, uninterrupted, episodes, delay):
+    # Killed `delay` seconds after the n-th of the run's 5 source episodes is on disk: in pretraining, between
+    # an episode file and its checkpoint, in the first offline round, in co-training, in the second round.
+    reference = uninterrupted
     flags = kill_run_flags(tmp_path, "run")
     process = subprocess.Popen([sys.executable, str(ROOT / "coworld.py"), *flags], cwd=ROOT,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        process.wait(timeout=seconds * fraction)
-    except subprocess.TimeoutExpired:
-        process.send_signal(signal.SIGKILL)
-        process.wait()
+    replay = tmp_path / "run" / "replay"
+    while process.poll() is None and len(list(replay.glob("*/*.npz"))) < episodes:
+        time.sleep(0.005)
+    time.sleep(delay)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
     assert process.returncode == -signal.SIGKILL, "the run finished before it was killed"
     resumed = run_coworld_cli(*flags)
     assert resumed.returncode == 0, resumed.stderr
@@ -1594,7 +1610,7 @@ def test_sigint_writes_a_checkpoint_and_exits_cleanly(tmp_path, uninterrupted, s
     assert run_coworld_cli(*flags).returncode == 0
     # The checkpoint was written at a safe point (online: an episode's end), so the resumed run ends where an
     # uninterrupted one does: the same updates, steps and episodes.
-    assert run_summary(tmp_path / "run") == uninterrupted[0]
+    assert run_summary(tmp_path / "run") == uninterrupted
 
 
 def test_runs_building_the_same_default_dataset_take_turns(tmp_path):
