@@ -489,8 +489,9 @@ class TruncatedNormal:
 
     low, high = -1.0, 1.0
 
-    def __init__(self, loc, scale):
-        self.loc, self.scale = loc.float(), scale.float()
+    def __init__(self, loc, scale, dims=None):
+        """dims (A,), 0/1: the action dimensions log_prob and entropy count (None: all)."""
+        self.loc, self.scale, self.dims = loc.float(), scale.float(), dims
         self.a = (self.low - self.loc) / self.scale
         self.b = (self.high - self.loc) / self.scale
         self.cdf_a, self.cdf_b = torch.special.ndtr(self.a), torch.special.ndtr(self.b)
@@ -502,15 +503,18 @@ class TruncatedNormal:
         x = self.loc + self.scale * torch.special.ndtri(p)
         return x.clamp(self.low, self.high)
 
-    def log_prob(self, x):  # summed over action dimensions
+    def log_prob(self, x):  # summed over the action dimensions
         log_pdf = -0.5 * ((x - self.loc) / self.scale) ** 2 - 0.5 * math.log(2 * math.pi)
-        return (log_pdf - self.scale.log() - self.Z.log()).sum(-1)
+        return self.sum(log_pdf - self.scale.log() - self.Z.log())
 
     def entropy(self):
         phi = lambda x: torch.exp(-0.5 * x ** 2) / math.sqrt(2 * math.pi)
         ent = (0.5 * math.log(2 * math.pi * math.e) + self.scale.log() + self.Z.log()
                + (self.a * phi(self.a) - self.b * phi(self.b)) / (2 * self.Z))
-        return ent.sum(-1)
+        return self.sum(ent)
+
+    def sum(self, per_dim):
+        return (per_dim if self.dims is None else per_dim * self.dims).sum(-1)
 
     def mode(self):
         return self.loc.clamp(self.low, self.high)
@@ -518,15 +522,20 @@ class TruncatedNormal:
 
 class Actor(nn.Module):
     """The actor pi_psi(a_t | z_t) of Eq. (9) / App. A.3: mean tanh(x), std 2 * sigmoid(s / 2) + 0.1, truncated
-    to [-1, 1]. The critic v_xi(z_t) of Eq. (9) is a plain MLP (Agent.critic)."""
+    to [-1, 1]. The critic v_xi(z_t) of Eq. (9) is a plain MLP (Agent.critic).
 
-    def __init__(self, feat_dim, action_size, units, layers):
+    It acts in the shared action space; its log-probability and entropy (Eq. 7) count only the first
+    env_actions dimensions, those its environment has (the rest reach neither the world model nor the env)."""
+
+    def __init__(self, feat_dim, action_size, units, layers, env_actions=None):
         super().__init__()
         self.net = mlp(feat_dim, 2 * action_size, units, layers)
+        dims = torch.arange(action_size) < (env_actions or action_size)
+        self.register_buffer("dims", dims.float(), persistent=False)
 
     def forward(self, feat):
         mean, std = self.net(feat).float().chunk(2, -1)
-        return TruncatedNormal(torch.tanh(mean), 2 * torch.sigmoid(std / 2) + 0.1)
+        return TruncatedNormal(torch.tanh(mean), 2 * torch.sigmoid(std / 2) + 0.1, self.dims)
 
     def sample(self, feat):
         """A reparameterised action, the log-probability of the (detached) action and the entropy: (N, A), (N,), (N,)."""
@@ -812,7 +821,7 @@ class Agent(nn.Module):
         super().__init__()
         self.cfg, self.action_size = cfg, action_size
         self.wm = WorldModel(cfg, action_size, ensemble, env_actions).to(memory_format=torch.channels_last)
-        self.actor = Actor(self.wm.feat_dim, action_size, cfg.mlp_units, cfg.mlp_layers)
+        self.actor = Actor(self.wm.feat_dim, action_size, cfg.mlp_units, cfg.mlp_layers, env_actions)
         self.critic = mlp(self.wm.feat_dim, 1, cfg.mlp_units, cfg.mlp_layers)
         self.slow_critic = copy.deepcopy(self.critic).requires_grad_(False)
         if cfg.compile == "on":

@@ -1326,6 +1326,14 @@ def test_a_world_model_sees_only_its_environments_action_dimensions():
     feat.sum().backward()
     assert source.wm.rssm.img_in[0].weight.grad[:, -1].abs().max() == 0
     assert source.wm.rssm.img_in[0].weight.grad[:, -2].abs().max() > 0
+    # Its log-probability and entropy (Eq. 7) are those of the four dimensions it has.
+    dist = source.actor(feat[0].detach())
+    four = C.TruncatedNormal(dist.loc[:, :4], dist.scale[:, :4])
+    action = dist.rsample()
+    torch.testing.assert_close(dist.log_prob(action), four.log_prob(action[:, :4]))
+    torch.testing.assert_close(dist.entropy(), four.entropy())
+    full = target.actor(feat[0].detach())  # RoboDesk's actor counts all five
+    assert not torch.allclose(full.entropy(), C.TruncatedNormal(full.loc[:, :4], full.scale[:, :4]).entropy())
 
 
 def test_multi_source_selection_picks_the_closest_encoder():
