@@ -152,6 +152,7 @@ PRESETS = {
     ),
 }
 METHODS = ("coworld", "offline-dv2", "dv2-finetune")
+CHECKPOINT_VERSION = 2  # raised when a checkpoint's meaning changes (2: Table 7's K1/K2 by domain, safe points)
 COMMANDS = ("train", "online", "evaluate", "bench")
 
 
@@ -170,7 +171,7 @@ def resolve(cfg: Config, command: str = "train") -> Config:
     values = {name: suite[name] for name in ("beta2", "k", "alpha", "K1", "pretrain_steps")
               if getattr(cfg, name) is None}
     if cfg.rounds is None:  # every method trains the target App. D's 300k / 600k iterations
-        values["rounds"] = max(1, math.ceil(suite["iterations"] / max(1, values.get("K1") or cfg.K1)))
+        values["rounds"] = max(1, math.ceil(suite["iterations"] / max(1, values.get("K1", cfg.K1))))
     if cfg.device == "auto":
         values["device"] = "cuda" if torch.cuda.is_available() else "cpu"
     device = values.get("device", cfg.device)
@@ -212,12 +213,13 @@ def validate(cfg: Config, command: str = "train"):
              cfg.cnn_depth, cfg.mlp_units, cfg.mlp_layers, cfg.train_every, cfg.ensemble, cfg.chunks) > 0,
          "sizes (batch, sequence, horizon, network widths, train-every, ensemble, chunks) must be positive"),
         (cfg.horizon >= 2, "--horizon must be at least 2"),
-        (min(cfg.K1, cfg.K2, cfg.rounds, cfg.pretrain_steps) >= 0, "iteration counts must not be negative"),
+        (min(cfg.K2, cfg.rounds, cfg.pretrain_steps) >= 0, "iteration counts must not be negative"),
+        (cfg.K1 >= 1, "--K1 (target iterations per round) must be at least 1"),
         (min(cfg.eval_episodes, cfg.target_episodes, cfg.log_every, cfg.checkpoint_every, cfg.slow_critic_every,
              cfg.replay_capacity, cfg.max_bad_updates, cfg.max_episode_steps or 1) >= 1,
          "episode counts, --log-every, --checkpoint-every, --slow-critic-every, --replay-capacity, --max-bad-updates "
          "and --max-episode-steps must be at least 1"),
-        (cfg.seed >= 0, "--seed must not be negative"),
+        (0 <= cfg.seed < 2 ** 31, "--seed must lie in [0, 2**31)"),
         (len(cfg.source) >= 1, "--source needs at least one environment"),
         (cfg.method != "dv2-finetune" or len(cfg.source) == 1, "--method dv2-finetune takes one --source"),
     ]
@@ -1107,8 +1109,12 @@ class Logger:
                 scalars.update({f"{prefix}/{key}_{i}": float(v) for i, v in enumerate(value.ravel())})
         for key, value in scalars.items():
             self.writer.add_scalar(key, value, step)
-        with open(self.path, "a") as f:
-            f.write(json.dumps({"step": step, "time": time.time(), **scalars}) + "\n")
+        line = (json.dumps({"step": step, "time": time.time(), **scalars}) + "\n").encode()
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, line)  # one write per line: an interrupt never leaves half of one
+        finally:
+            os.close(fd)
         return scalars
 
     def close(self):
@@ -1203,7 +1209,7 @@ class Run:
         that was in progress."""
         progress = copy.deepcopy(self.progress)
         progress["selected"] = self.selected.tolist()
-        state = {"config": dataclasses.asdict(self.cfg), "progress": progress,
+        state = {"version": CHECKPOINT_VERSION, "config": dataclasses.asdict(self.cfg), "progress": progress,
                  "sources": [s.state() for s in self.sources],
                  "target": self.target.state() if self.target else None,
                  "rng": {"numpy": self.rng.bit_generator.state, "torch": torch.get_rng_state(),
@@ -1216,6 +1222,9 @@ class Run:
             (self.logdir / "config.json").write_text(json.dumps(dataclasses.asdict(self.cfg), indent=2))
             return
         state = torch.load(self.checkpoint_path, map_location=self.device, weights_only=False)
+        if state.get("version") != CHECKPOINT_VERSION:
+            raise ConfigError(f"{self.checkpoint_path} was written by another version of coworld.py (checkpoint "
+                              f"format {state.get('version', 1)}, this one reads {CHECKPOINT_VERSION}); use a new --logdir")
         check_same_config(state["config"], self.cfg, self.checkpoint_path)
         for agent, agent_state in zip(self.sources, state["sources"]):
             agent.load(agent_state)
@@ -1240,8 +1249,9 @@ class Run:
             self.stop_requested = "now"
             raise KeyboardInterrupt
         self.stop_requested = "safe"
-        print("\nstopping at the next safe point (online: the end of this episode); Ctrl-C again stops now, "
-              "keeping the last checkpoint", file=sys.stderr)
+        # os.write, not print: the handler may interrupt a write to stderr (the progress bar's)
+        os.write(2, b"\nstopping at the next safe point (online: the end of this episode); Ctrl-C again stops now, "
+                    b"keeping the last checkpoint\n")
 
     def check_stop(self):
         if self.stop_requested:
@@ -1315,7 +1325,9 @@ class Run:
         cfg, agent, replay = self.cfg, self.sources[i], self.source_replays[i]
         name = self.source_names[i]
         env = envs.make_env(name, render=cfg.render, max_steps=cfg.max_episode_steps)
-        episode_seed = lambda: cfg.seed + 1000 * (i + 1) + len(self.progress["episodes"][i])
+        # Distinct streams for every (run seed, source, episode index): no two episodes share a start.
+        episode_seed = lambda: int(np.random.SeedSequence([cfg.seed, i, len(self.progress["episodes"][i])])
+                                   .generate_state(1)[0])
         collector = Collector(env, replay, self.action_size, episode_seed)
         prefill = prefill_steps(cfg, name)
         bar = progress_bar(steps, self.progress["step"], desc)
@@ -1454,6 +1466,8 @@ def build_default_dataset(cfg):
     steps = f"-{cfg.max_episode_steps}steps" if cfg.max_episode_steps else ""
     directory = (Path(cfg.data_dir) / f"{cfg.target.replace(':', '-')}-{policy}-{cfg.render}-"
                  f"{cfg.target_episodes}ep{steps}-s{cfg.seed}")
+    if envs.read_dataset_info(directory) is not None:  # built already: read it, even from a read-only folder
+        return directory
     directory.parent.mkdir(parents=True, exist_ok=True)
     with open(directory.parent / f".{directory.name}.lock", "w") as lock:
         try:
