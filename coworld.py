@@ -1092,10 +1092,18 @@ def write_video(path, frames):
 # =============================================================================================
 
 class Logger:
-    """Metrics to metrics.jsonl (one JSON object per line, easy to plot) and to TensorBoard."""
+    """Metrics to metrics.jsonl (one JSON object per line, easy to plot) and to TensorBoard.
 
-    def __init__(self, logdir):
+    keep_lines: the lines the checkpoint a run resumes from had written (0 for a new run). Later ones are
+    dropped: the resumed run logs those steps again, so the file reads as one uninterrupted run."""
+
+    def __init__(self, logdir, keep_lines):
         self.path = Path(logdir) / "metrics.jsonl"
+        lines = self.path.read_bytes().splitlines(keepends=True) if self.path.exists() else []
+        if len(lines) > keep_lines:
+            lines = lines[:keep_lines]
+            envs.atomic_write(self.path, lambda f: f.writelines(lines))
+        self.lines = len(lines)
         from torch.utils.tensorboard import SummaryWriter
         self.writer = SummaryWriter(str(Path(logdir) / "tb"))
 
@@ -1115,6 +1123,7 @@ class Logger:
             os.write(fd, line)  # one write per line: an interrupt never leaves half of one
         finally:
             os.close(fd)
+        self.lines += 1
         return scalars
 
     def close(self):
@@ -1158,7 +1167,7 @@ class Run:
                        .build_optimisers() if command != "online" else None)
         self.progress = {"phase": 0, "step": 0, "env_steps": [0] * len(self.sources),
                          "online_steps": [0] * len(self.sources), "episodes": [[] for _ in self.sources],
-                         "selected": [0] * len(self.sources)}
+                         "selected": [0] * len(self.sources), "log_lines": 0}
         self.checkpoint_path = self.logdir / "checkpoint.pt"
         self.stop_requested = None  # "safe" after one Ctrl-C, "now" after two
         self.selected = torch.zeros(len(self.sources), device=self.device)  # App. C choices (Table 6)
@@ -1166,7 +1175,7 @@ class Run:
         self.saved_at = [0] * len(self.sources)  # each source's updates at its last episode-end save
         self.load()
         if command != "evaluate":
-            self.logger = Logger(self.logdir)
+            self.logger = Logger(self.logdir, self.progress["log_lines"])
             self.source_replays = [self.open_replay(i) for i in range(len(self.sources))]
 
     def open_replay(self, i):
@@ -1209,6 +1218,7 @@ class Run:
         that was in progress."""
         progress = copy.deepcopy(self.progress)
         progress["selected"] = self.selected.tolist()
+        progress["log_lines"] = self.logger.lines
         state = {"version": CHECKPOINT_VERSION, "config": dataclasses.asdict(self.cfg), "progress": progress,
                  "sources": [s.state() for s in self.sources],
                  "target": self.target.state() if self.target else None,

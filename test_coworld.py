@@ -1568,7 +1568,10 @@ def run_summary(logdir):
             "results": json.loads((logdir / "results.json").read_text())["env_steps"],
             # Episodes start from seeds of their index and the RNG states come back: the same returns, too.
             "returns": state["progress"]["episodes"],
-            "eval": json.loads((logdir / "results.json").read_text())["eval"]["return_mean"]}
+            "eval": json.loads((logdir / "results.json").read_text())["eval"]["return_mean"],
+            # The metrics log holds each logged step once, as an uninterrupted run logs it.
+            "log": [{k: v for k, v in json.loads(line).items() if k != "time"}
+                    for line in (logdir / "metrics.jsonl").read_text().splitlines()]}
 
 
 @pytest.fixture(scope="module")
