@@ -1718,10 +1718,15 @@ def test_algorithm1_plan_has_no_online_phase_after_the_last_round():
 
 
 def test_stop_return_stops_the_online_command_only():
-    cfg = small_cfg(stop_return=0.0)
+    cfg = small_cfg(stop_return=3.0)
     for command, stops in (("online", True), ("train", False)):
-        run = types.SimpleNamespace(cfg=cfg, command=command, progress={"episodes": [[1.0] * 5]})
+        run = types.SimpleNamespace(cfg=cfg, command=command, progress={"episodes": [[3.0] * 5]})
         assert C.Run.reached_stop_return(run, 0) == stops
+    # The mean of the last five episodes: not the best one, not the last one, not an earlier stretch.
+    for episodes, stops in (([0, 0, 0, 0, 10], False), ([9, 9, 9, 9, 9, 0, 0, 0, 0, 0], False),
+                            ([0, 3, 3, 3, 3, 3], True), ([3, 3, 3, 3], False)):
+        run = types.SimpleNamespace(cfg=cfg, command="online", progress={"episodes": [episodes]})
+        assert C.Run.reached_stop_return(run, 0) == stops, episodes
 
 
 def test_device_dependent_defaults_resolve_on_this_machine():
