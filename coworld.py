@@ -264,6 +264,8 @@ def build_parser(command):
         parser.add_argument("--check-updates", type=int, help="updates of the bf16 vs float32 check (default 20)")
         parser.add_argument("--replay-steps", type=int, help="also measure training memory from a synthetic dataset "
                                                              "of this many steps, images on disk vs in memory (default 0: skip)")
+        parser.add_argument("--profile", action="store_true", help="also profile one update of each kind: the "
+                                                                   "operators that take the most time, operator calls and kernel launches")
     for f in dataclasses.fields(Config):
         kind = typing.get_args(hints[f.name])[0] if typing.get_origin(hints[f.name]) is typing.Union else hints[f.name]
         kwargs = dict(help=f"{f.metadata['help']} (default: {f.default})")
@@ -292,7 +294,8 @@ def parse_args(argv):
     argv = list(argv)
     command = argv.pop(0) if argv and argv[0] in COMMANDS else "train"
     given = vars(build_parser(command).parse_args(argv))
-    extra = {key: given.pop(key) for key in ("env", "steps", "updates", "env_steps", "check_updates", "replay_steps") if key in given}
+    extra = {key: given.pop(key) for key in ("env", "steps", "updates", "env_steps", "check_updates", "replay_steps",
+                                             "profile") if key in given}
     if "env" in extra:
         given["source"] = (extra["env"],)
     if "steps" in extra:
@@ -1560,16 +1563,22 @@ def synthetic_batch(cfg, action_size, seed):
     return {k: v.to(cfg.device) for k, v in batch.items()}
 
 
-def bench_update(cfg, kind, updates, seed=0):
-    """Median seconds of one target update (Eq. 3 + Eq. 6) or source update (Eq. 2 + 5), its FLOPs and the
-    peak memory, with fresh agents on synthetic data. Runs in its own process so peak memory is its own."""
-    import resource
-    from torch.utils.flop_counter import FlopCounterMode
+def bench_step(cfg, kind, seed):
+    """One target update (Eq. 3 + Eq. 6) or source update (Eq. 2 + 5) of fresh agents, as a function of two
+    synthetic batches, and those batches."""
     torch.manual_seed(seed)
     target, source = (Agent(cfg, 5).to(cfg.device).build_optimisers() for _ in range(2))
     step = {"target": lambda b, b2: target_update(target, b, cfg, [source]),
             "source": lambda b, b2: source_update(source, b, cfg, b2, eta=0.5)}[kind]
-    batches = [synthetic_batch(cfg, 5, seed + i) for i in range(2)]
+    return step, [synthetic_batch(cfg, 5, seed + i) for i in range(2)]
+
+
+def bench_update(cfg, kind, updates, seed=0):
+    """Median seconds of one update, its FLOPs and the peak memory, with fresh agents on synthetic data. Runs
+    in its own process so peak memory is its own."""
+    import resource
+    from torch.utils.flop_counter import FlopCounterMode
+    step, batches = bench_step(cfg, kind, seed)
     with FlopCounterMode(display=False) as counter:
         step(*batches)  # the first warm-up update also counts the FLOPs
     if cfg.compile == "on":
@@ -1588,6 +1597,25 @@ def bench_update(cfg, kind, updates, seed=0):
     return {"seconds": seconds, "frames_per_s": cfg.batch_size * cfg.seq_len / seconds,
             "gflop": counter.get_total_flops() / 1e9, "gflop_per_s": counter.get_total_flops() / 1e9 / seconds,
             "peak_gb": peak / 1e9}
+
+
+def bench_profile(cfg, kind, rows=12, seed=0):
+    """Where one update's time goes: the operators with the most self time (device time on CUDA), the
+    update's top-level operator calls and, on CUDA, its kernel launches: what decides whether an update is
+    launch-bound (then CUDA graphs pay) or compute-bound."""
+    from torch.profiler import ProfilerActivity, profile
+    step, batches = bench_step(cfg, kind, seed)
+    for _ in range(2 if cfg.compile == "on" else 1):  # warm-up (and compilation) outside the profile
+        step(*batches)
+    cuda = cfg.device == "cuda"
+    with profile(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]) as prof:
+        metrics, _ = step(*batches)
+        float(metrics["model_loss"])
+    events = prof.events()
+    table = prof.key_averages().table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total",
+                                      row_limit=rows)
+    return {"table": table, "ops": sum(e.cpu_parent is None and e.name.startswith("aten::") for e in events),
+            "kernels": sum(e.device_type == torch.autograd.DeviceType.CUDA for e in events) if cuda else None}
 
 
 def bench_precision(cfg, updates=20, tolerance=0.05):
@@ -1693,6 +1721,11 @@ def command_bench(cfg, extra):
         print(f"{kind} update: {r['seconds']:.3f} s median of {updates}  {r['frames_per_s']:.0f} frames/s  "
               f"{r['gflop']:.0f} GFLOP  {r['gflop_per_s']:.0f} GFLOP/s  peak memory {r['peak_gb']:.2f} GB")
     print(f"acting: {in_subprocess(bench_act, cfg)['steps_per_s']:.0f} policy steps/s")
+    if extra.get("profile"):
+        for kind in ("target", "source"):
+            r = in_subprocess(bench_profile, cfg, kind)
+            kernels = f", {r['kernels']} kernel launches" if r["kernels"] is not None else ""
+            print(f"{kind} update profile: {r['ops']} top-level operator calls{kernels}\n{r['table']}")
     if cfg.precision == "bf16" and extra.get("check_updates", 20):
         r = in_subprocess(bench_precision, cfg, extra.get("check_updates", 20))
         worst = ", ".join(f"{k} {v:.2%}" for k, v in r["worst"].items())

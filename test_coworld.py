@@ -1540,7 +1540,7 @@ def test_cli_bench_prints_what_an_issue_needs(tmp_path):
     # check and the replay-memory comparison, each a line someone can paste into an issue.
     out = run_coworld_cli("bench", "--preset", "small", "--batch-size", "2", "--seq-len", "4", "--horizon", "3",
                           "--precision", "bf16", "--updates", "1", "--env-steps", "0", "--check-updates", "2",
-                          "--replay-steps", "300", "--data-dir", str(tmp_path))
+                          "--replay-steps", "300", "--data-dir", str(tmp_path), "--profile")
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     for kind in ("target", "source"):
@@ -1549,6 +1549,10 @@ def test_cli_bench_prints_what_an_issue_needs(tmp_path):
     assert any(re.match(r"acting: \d+ policy steps/s", l) for l in lines)
     assert any(l.startswith("bf16 vs float32 over 2 updates") and l.endswith("ok") for l in lines)
     assert sum("training from 300 dataset steps" in l for l in lines) == 2
+    for kind in ("target", "source"):  # where the time goes, and how many operators run
+        at = next(i for i, l in enumerate(lines) if l.startswith(f"{kind} update profile:"))
+        assert int(re.search(r"(\d+) top-level operator calls", lines[at]).group(1)) > 100
+        assert "Self CPU" in lines[at + 2] and "aten::" in "".join(lines[at + 3: at + 8])
 
 
 def kill_run_flags(tmp_path, name):
