@@ -1149,9 +1149,11 @@ def test_source_update_uses_eta_and_relabelled_target_reward():
     assert ok and float(metrics["eta"]) == pytest.approx(0.4)
     assert float(metrics["relabelled_reward"]) == pytest.approx(float(r_tilde.mean()), rel=1e-5)
     assert float(metrics["relabelled_nll"]) == pytest.approx(float(C.gaussian_nll(r_pred, r_tilde).mean()), rel=1e-5)
-    expected = metrics["image_nll"] + 0.4 * metrics["reward_nll"] + metrics["discount_nll"] + 0.5 * metrics["kl_loss"] \
-        + 0.6 * metrics["relabelled_nll"]
-    assert float(metrics["model_loss"]) == pytest.approx(float(expected), rel=1e-5)
+    # Beside the image and discount terms (the image NLL is ~1e4, so compare the rest on its own):
+    # Eq. (5) = 0.4 * source reward NLL + 0.6 * relabelled NLL, and beta1 * KL.
+    rest = float(metrics["model_loss"] - metrics["image_nll"] - metrics["discount_nll"])
+    expected = 0.4 * metrics["reward_nll"] + 0.6 * metrics["relabelled_nll"] + 0.5 * metrics["kl_loss"]
+    assert rest == pytest.approx(float(expected), rel=1e-3, abs=5e-3)
 
 
 def test_eq5_relabelled_term_trains_only_the_source_reward_head(monkeypatch):
@@ -1225,18 +1227,21 @@ def test_eq3_and_eq12_terms_of_the_target_update():
     cfg = small_cfg(beta1=0.5, beta2=1.5)
     target = C.Agent(cfg, 5).build_optimisers()
     sources = [C.Agent(dataclasses.replace(cfg, seed=s), 5).build_optimisers() for s in (1, 2)]
+    with torch.no_grad():  # sharper source embeddings: KLs of nats, well above the float32 noise of the image NLL
+        for source, scale in zip(sources, (20.0, 40.0)):
+            source.wm.encoder.net[6].weight.mul_(scale)
     batch = fake_batch(cfg, 5)
     for state_alignment in (True, False):
         with torch.no_grad():
             e_target = target.wm.encoder(batch["image"])
             kls = torch.stack([C.state_alignment(s.wm.encoder(batch["image"]), e_target).mean() for s in sources])
-        assert kls.min() > 1e-4 and abs(kls[0] - kls[1]) > 1e-6  # a choice that matters
+        assert kls.min() > 0.1 and abs(kls[0] - kls[1]) > 0.1  # a choice that matters
         metrics, ok = C.target_update(target, batch, dataclasses.replace(cfg, state_alignment=state_alignment), sources)
         assert ok and metrics["omega"].tolist() == F.one_hot(kls.argmin(), 2).tolist()
         assert float(metrics["domain_kl"]) == pytest.approx(float(kls.min()), rel=1e-4)
         eq2 = metrics["image_nll"] + metrics["reward_nll"] + metrics["discount_nll"] + 0.5 * metrics["kl_loss"]
-        expected = eq2 + 1.5 * kls.min() if state_alignment else eq2
-        assert float(metrics["model_loss"]) == pytest.approx(float(expected), rel=1e-5)
+        added = float(metrics["model_loss"] - eq2)  # the alignment term alone
+        assert added == pytest.approx(1.5 * float(kls.min()) if state_alignment else 0.0, rel=1e-3, abs=5e-3)
 
 
 def constant_critic(agent, value):
