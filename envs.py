@@ -82,9 +82,10 @@ class DatasetError(ValueError):
 
 
 def error_message(error: Exception) -> str:
-    """One line for the user: an OSError with a file (unwritable folder, full disk, ...) names the file."""
+    """One line for the user: an OSError with a file (unwritable folder, full disk, unreadable file, ...) names
+    the file and the reason, whether it was being read or written."""
     if isinstance(error, OSError) and error.filename:
-        return f"cannot write {error.filename}: {error.strerror}"
+        return f"{error.filename}: {error.strerror}"
     return str(error)
 
 

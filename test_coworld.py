@@ -1637,7 +1637,7 @@ def test_runs_building_the_same_default_dataset_take_turns(tmp_path):
     # Two processes need the same default dataset at once: one builds it, the other waits and reads it whole.
     code = ("import sys, coworld as C\n"
             "cfg = C.parse_args(['--target', 'dmc:cartpole_swingup', '--target-episodes', '3', '--max-episode-steps',"
-            f" '10', '--data-dir', sys.argv[1], '--logdir', sys.argv[1] + '/run'])[1]\n"
+            " '10', '--data-dir', sys.argv[1], '--logdir', sys.argv[1] + '/run'])[1]\n"
             "print(C.build_default_dataset(cfg))\n")
     runs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
