@@ -160,6 +160,14 @@ class ConfigError(ValueError):
     """A bad flag or value; main() prints it as one line and exits with code 2."""
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) or SIGTERM stopped a run; main() exits with 128 + the signal's number, as a shell does."""
+
+    def __init__(self, signum):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
 def family(env_name):
     return env_name.split(":", 1)[0]
 
@@ -1041,9 +1049,11 @@ def discounted_return(rewards, gamma):
     return float(np.sum(np.asarray(rewards, np.float64) * gamma ** np.arange(1, len(rewards) + 1)))
 
 
-def evaluate(agent, env_name, cfg, episodes, video_path=None, random_policy=False, seed_offset=10_000):
+def evaluate(agent, env_name, cfg, episodes, video_path=None, random_policy=False, seed_offset=10_000,
+             stop=lambda: None):
     """Deterministic episodes (the policy's mode) in the real simulator: mean/std return, success rate,
-    and Figure 5(b)'s comparison of the critic's value estimates with the discounted return achieved."""
+    and Figure 5(b)'s comparison of the critic's value estimates with the discounted return achieved.
+    stop() is called after every step; it raises to end the evaluation early."""
     env = envs.make_env(env_name, seed=cfg.seed + seed_offset, render=cfg.render, max_steps=cfg.max_episode_steps)
     rng = np.random.default_rng(cfg.seed + seed_offset)
     returns, successes, start_values, start_returns, frames = [], [], [], [], []
@@ -1061,6 +1071,7 @@ def evaluate(agent, env_name, cfg, episodes, video_path=None, random_policy=Fals
                 obs = env.step(action[: env.action_size])
                 rewards.append(obs["reward"])
                 success = success or bool(obs.get("success", False))
+                stop()
                 if obs["is_last"]:
                     break
             returns.append(float(np.sum(rewards)))
@@ -1098,17 +1109,25 @@ class Logger:
     """Metrics to metrics.jsonl (one JSON object per line, easy to plot) and to TensorBoard.
 
     keep_lines: the lines the checkpoint a run resumes from had written (0 for a new run). Later ones are
-    dropped: the resumed run logs those steps again, so the file reads as one uninterrupted run."""
+    dropped: the resumed run logs those steps again, so the file reads as one uninterrupted run. TensorBoard's
+    files are rebuilt from the kept lines on a resume: a killed run's last points may never have reached them, and
+    TensorBoard cannot drop the points logged after the checkpoint."""
 
     def __init__(self, logdir, keep_lines):
-        self.path = Path(logdir) / "metrics.jsonl"
+        from torch.utils.tensorboard import SummaryWriter
+        self.path, tb = Path(logdir) / "metrics.jsonl", Path(logdir) / "tb"
         lines = self.path.read_bytes().splitlines(keepends=True) if self.path.exists() else []
         if len(lines) > keep_lines:
             lines = lines[:keep_lines]
             envs.atomic_write(self.path, lambda f: f.writelines(lines))
         self.lines = len(lines)
-        from torch.utils.tensorboard import SummaryWriter
-        self.writer = SummaryWriter(str(Path(logdir) / "tb"))
+        if tb.is_dir():
+            shutil.rmtree(tb)
+        self.writer = SummaryWriter(str(tb))
+        for line in map(json.loads, lines):
+            step, walltime = line.pop("step"), line.pop("time")
+            for key, value in line.items():
+                self.writer.add_scalar(key, value, step, walltime=walltime)
 
     def write(self, step, prefix, metrics):
         scalars = {}
@@ -1118,9 +1137,10 @@ class Logger:
                 scalars[f"{prefix}/{key}"] = float(value)
             else:
                 scalars.update({f"{prefix}/{key}_{i}": float(v) for i, v in enumerate(value.ravel())})
+        now = time.time()
         for key, value in scalars.items():
-            self.writer.add_scalar(key, value, step)
-        line = (json.dumps({"step": step, "time": time.time(), **scalars}) + "\n").encode()
+            self.writer.add_scalar(key, value, step, walltime=now)
+        line = (json.dumps({"step": step, "time": now, **scalars}) + "\n").encode()
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
             os.write(fd, line)  # one write per line: an interrupt never leaves half of one
@@ -1173,6 +1193,7 @@ class Run:
                          "selected": [0] * len(self.sources), "log_lines": 0}
         self.checkpoint_path = self.logdir / "checkpoint.pt"
         self.stop_requested = None  # "safe" after one Ctrl-C, "now" after two
+        self.stop_signal = signal.SIGINT
         self.selected = torch.zeros(len(self.sources), device=self.device)  # App. C choices (Table 6)
         self.last_metrics = {}  # for the progress bar
         self.saved_at = [0] * len(self.sources)  # each source's updates at its last episode-end save
@@ -1258,17 +1279,24 @@ class Run:
     def request_stop(self, signum, frame):
         """The first Ctrl-C (or SIGTERM) stops at the next safe point (see save) and writes a checkpoint there; a
         second one stops at once, and the last checkpoint stands."""
+        self.stop_signal = signum
         if self.stop_requested:
             self.stop_requested = "now"
-            raise KeyboardInterrupt
+            raise Interrupted(signum)
         self.stop_requested = "safe"
         # os.write, not print: the handler may interrupt a write to stderr (the progress bar's)
-        os.write(2, b"\nstopping at the next safe point (online: the end of this episode); Ctrl-C again stops now, "
-                    b"keeping the last checkpoint\n")
+        os.write(2, b"\nstopping at the next safe point (online: the end of this episode; evaluation: now); "
+                    b"Ctrl-C again stops now, keeping the last checkpoint\n")
 
     def check_stop(self):
         if self.stop_requested:
-            raise KeyboardInterrupt
+            raise Interrupted(self.stop_signal)
+
+    def check_stop_now(self):
+        """The final evaluation saves nothing: the checkpoint written just before it is where a resume starts."""
+        if self.stop_requested:
+            self.stop_requested = "now"
+            raise Interrupted(self.stop_signal)
 
     def execute(self):
         """Run the remaining phases. Ctrl-C (SIGINT), or SIGTERM (a cluster's preemption notice), stops at the next
@@ -1418,9 +1446,11 @@ class Run:
         agent, env_name = (self.sources[0], self.source_names[0]) if self.command == "online" else (self.target, cfg.target)
         result = {"env": env_name, "method": cfg.method if self.command != "online" else "dreamerv2-online",
                   "preset": cfg.preset, "render": cfg.render, "device": cfg.device, "seed": cfg.seed,
-                  "eval": evaluate(agent, env_name, cfg, cfg.eval_episodes, self.logdir / "videos" / "eval.mp4")}
+                  "eval": evaluate(agent, env_name, cfg, cfg.eval_episodes, self.logdir / "videos" / "eval.mp4",
+                                   stop=self.check_stop_now)}
         if cfg.eval_random:
-            result["random_policy"] = evaluate(agent, env_name, cfg, cfg.eval_episodes, random_policy=True)
+            result["random_policy"] = evaluate(agent, env_name, cfg, cfg.eval_episodes, random_policy=True,
+                                               stop=self.check_stop_now)
         if len(self.sources) > 1 and self.command != "online":
             result["source_selected"] = dict(zip(self.source_names, self.selected.tolist()))
         result["env_steps"] = dict(zip(self.source_names, self.progress["env_steps"]))
@@ -1758,9 +1788,9 @@ def main(argv=None):
             traceback.print_exc()
         print(f"coworld.py: error: {envs.error_message(error)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interrupt:
         print("\ninterrupted", file=sys.stderr)
-        return 130
+        return 128 + getattr(interrupt, "signum", signal.SIGINT)
 
 
 if __name__ == "__main__":

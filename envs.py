@@ -29,6 +29,7 @@ import io
 import json
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -71,6 +72,7 @@ BENCH_ENVS = ("metaworld:window-close", "robodesk:open_slide", "dmc:walker_walk"
 
 # Debian packages that provide each OpenGL backend, for error messages.
 _GL_PACKAGES = {"osmesa": "libosmesa6", "egl": "libegl1", "glfw": "libglfw3"}
+_GL_WORDS = re.compile(r"GL|[Mm]esa|egl|glfw")  # in every GL loader's ImportError (PyOpenGL, mujoco, glfw)
 
 
 class EnvError(ValueError):
@@ -101,7 +103,9 @@ def _gl_errors():
     Missing GL libraries surface as ImportError, OSError, AttributeError or
     RuntimeError from deep inside PyOpenGL, or as mujoco.FatalError when a
     renderer is made; none of them says what to install. A missing Python
-    package (ModuleNotFoundError) is passed through unchanged.
+    package (ModuleNotFoundError) is passed through unchanged, and an
+    ImportError that names no GL library (a package version mismatch) is
+    reported as one.
     """
     try:
         yield
@@ -109,8 +113,11 @@ def _gl_errors():
         raise
     except (ImportError, OSError, AttributeError, RuntimeError,
             getattr(sys.modules.get("mujoco"), "FatalError", RuntimeError)) as exc:
-        backend = os.environ.get("MUJOCO_GL", "")
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        if isinstance(exc, ImportError) and not _GL_WORDS.search(str(exc)):
+            raise EnvError(f"cannot import {exc.name or 'a simulator package'} ({reason}); the tested versions are "
+                           f"in requirements.txt: pip install -r requirements.txt") from exc
+        backend = os.environ.get("MUJOCO_GL", "")
         package = _GL_PACKAGES.get(backend)
         fix = (f"install the Debian package {package}: apt-get install -y {package}" if package
                else "set MUJOCO_GL=osmesa (CPU) or MUJOCO_GL=egl (NVIDIA GPU)")

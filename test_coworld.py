@@ -137,6 +137,19 @@ def test_missing_gl_library_names_the_debian_package(monkeypatch, backend, packa
             envs.make_env("dmc:walker_walk")
 
 
+def test_a_package_version_mismatch_is_not_called_a_gl_problem(monkeypatch):
+    import mujoco
+
+    def mismatch(*args, **kwargs):
+        raise ImportError("cannot import name 'Box' from 'gymnasium.spaces'", name="gymnasium.spaces")
+
+    monkeypatch.setattr(mujoco, "Renderer", mismatch)
+    with pytest.raises(envs.EnvError, match=r"cannot import gymnasium.spaces \(cannot import name 'Box'.*"
+                                            r"pip install -r requirements.txt") as error:
+        envs.make_env("dmc:walker_walk")
+    assert "OpenGL" not in str(error.value)
+
+
 def test_default_episode_lengths():
     for name, repeat in [("metaworld:window-close", 1), ("robodesk:open_slide", 1), ("dmc:walker_walk", 2)]:
         with envs.make_env(name, render="fast") as env:
@@ -1391,10 +1404,15 @@ def test_online_run_writes_episodes_metrics_video_checkpoint_and_resumes(tmp_pat
     run = tmp_path / "run"
     argv = ["online", "--env", "dmc:cartpole_balance", "--steps", "60", *tiny_flags(run)]
 
-    def interrupted(self):
-        raise KeyboardInterrupt
-    monkeypatch.setattr(C.Run, "final_evaluation", interrupted)
-    assert C.main(argv) == 130  # stopped before evaluation, after the training phase was checkpointed
+    steps, evaluate = [], C.evaluate
+
+    def ctrl_c_in_evaluation(*args, stop, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)  # the run's handler: stop at the next safe point
+        return evaluate(*args, stop=lambda: steps.append(1) or stop(), **kwargs)
+    monkeypatch.setattr(C, "evaluate", ctrl_c_in_evaluation)
+    assert C.main(argv) == 130  # the evaluation stopped after one step, keeping the training phase's checkpoint
+    assert len(steps) == 1 and not (run / "results.json").exists()
+    assert "the last checkpoint in" in capsys.readouterr().err
     episodes = sorted((run / "replay").rglob("*.npz"))
     assert len(episodes) == 3  # 60 steps of 20-step episodes
     state = torch.load(run / "checkpoint.pt", weights_only=False)
@@ -1580,7 +1598,16 @@ def run_summary(logdir):
             "eval": json.loads((logdir / "results.json").read_text())["eval"]["return_mean"],
             # The metrics log holds each logged step once, as an uninterrupted run logs it.
             "log": [{k: v for k, v in json.loads(line).items() if k != "time"}
-                    for line in (logdir / "metrics.jsonl").read_text().splitlines()]}
+                    for line in (logdir / "metrics.jsonl").read_text().splitlines()],
+            "tensorboard": tensorboard_points(logdir)}
+
+
+def tensorboard_points(logdir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(logdir / "tb"), size_guidance={"scalars": 0})
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
 
 
 @pytest.fixture(scope="module")
@@ -1588,7 +1615,14 @@ def uninterrupted(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("uninterrupted")
     done = run_coworld_cli(*kill_run_flags(tmp_path, "run"))
     assert done.returncode == 0, done.stderr
-    return run_summary(tmp_path / "run")
+    summary = run_summary(tmp_path / "run")
+    logged = {}
+    for line in summary["log"]:
+        for key, value in line.items():
+            if key != "step":
+                logged.setdefault(key, []).append((line["step"], pytest.approx(value, rel=1e-6, abs=1e-30)))
+    assert summary["tensorboard"] == logged  # TensorBoard holds what metrics.jsonl holds
+    return summary
 
 
 @pytest.mark.parametrize("episodes, delay", [(1, 0.0), (3, 0.0), (3, 0.4), (4, 0.0), (5, 0.1)])
@@ -1625,7 +1659,7 @@ def test_sigint_writes_a_checkpoint_and_exits_cleanly(tmp_path, uninterrupted, s
     _, err = process.communicate(timeout=300)
     if process.returncode in (0, -signum):
         pytest.skip("the run finished (or was finishing) before the signal arrived")
-    assert process.returncode == 130 and "checkpoint written" in err and "Traceback" not in err
+    assert process.returncode == 128 + signum and "checkpoint written" in err and "Traceback" not in err
     assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["progress"]
     assert run_coworld_cli(*flags).returncode == 0
     # The checkpoint was written at a safe point (online: an episode's end), so the resumed run ends where an
