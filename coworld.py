@@ -16,6 +16,7 @@ Read it next to the paper: every equation is a small function whose docstring ci
 training loop cites the lines of Algorithm 1.
 """
 import argparse
+import concurrent.futures
 import copy
 import dataclasses
 import fcntl
@@ -1006,12 +1007,17 @@ def pad_action(action, size):
         [action, np.zeros((*action.shape[:-1], extra), action.dtype)], -1)
 
 
-def to_torch(batch, action_size, device):
-    """A replay batch (numpy, (B, T, ...)) on the device; images stay uint8 until the encoder."""
-    out = {key: torch.as_tensor(batch[key], device=device) for key in ("image", "reward", "is_first", "is_terminal")}
-    out["action"] = torch.as_tensor(pad_action(batch["action"], action_size), device=device).float()
+def host_tensors(batch, action_size):
+    """A replay batch (numpy, (B, T, ...)) as CPU tensors; images stay uint8 until the encoder."""
+    out = {key: torch.from_numpy(batch[key]) for key in ("image", "reward", "is_first", "is_terminal")}
+    out["action"] = torch.from_numpy(pad_action(batch["action"], action_size)).float()
     out["reward"] = out["reward"].float()
     return out
+
+
+def to_torch(batch, action_size, device):
+    """A replay batch on the device."""
+    return {key: value.to(device) for key, value in host_tensors(batch, action_size).items()}
 
 
 class Collector:
@@ -1196,6 +1202,7 @@ class Run:
         self.stop_signal = signal.SIGINT
         self.selected = torch.zeros(len(self.sources), device=self.device)  # App. C choices (Table 6)
         self.last_metrics = {}  # for the progress bar
+        self.prefetch = None  # the offline phase's BatchPrefetch
         self.saved_at = [0] * len(self.sources)  # each source's updates at its last episode-end save
         self.load()
         if command != "evaluate":
@@ -1246,7 +1253,8 @@ class Run:
         state = {"version": CHECKPOINT_VERSION, "config": dataclasses.asdict(self.cfg), "progress": progress,
                  "sources": [s.state() for s in self.sources],
                  "target": self.target.state() if self.target else None,
-                 "rng": {"numpy": self.rng.bit_generator.state, "torch": torch.get_rng_state(),
+                 "rng": {"numpy": self.prefetch.rng_state if self.prefetch else self.rng.bit_generator.state,
+                         "torch": torch.get_rng_state(),
                          "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
                          "python": random.getstate()}}
         envs.atomic_write(self.checkpoint_path, lambda f: torch.save(state, f))  # a kill keeps the previous one
@@ -1349,13 +1357,18 @@ class Run:
         """Alg. 1 lines 5-13: K1 iterations of the target agent on the offline dataset B^(T)."""
         cfg = self.cfg
         bar = progress_bar(cfg.K1, self.progress["step"], desc)
-        while self.progress["step"] < cfg.K1:  # line 5
-            batch = self.sample(self.target_replay)  # line 6
-            sources = self.sources if self.cfg.method == "coworld" else ()
-            metrics, ok = target_update(self.target, batch, cfg, sources)  # lines 7-13
-            self.after_update(self.target, metrics, ok, "target", bar)
-            self.check_stop()
-        bar.close()
+        self.prefetch = BatchPrefetch(self.target_replay, cfg, self.action_size, self.device, self.rng)
+        try:
+            while self.progress["step"] < cfg.K1:  # line 5
+                batch = self.prefetch.take(ahead=self.progress["step"] + 1 < cfg.K1)  # line 6 (the next one loads now)
+                sources = self.sources if self.cfg.method == "coworld" else ()
+                metrics, ok = target_update(self.target, batch, cfg, sources)  # lines 7-13
+                self.after_update(self.target, metrics, ok, "target", bar)
+                self.check_stop()
+        finally:
+            self.prefetch.close()  # an interrupted phase keeps it: its rng_state is what the checkpoint records
+            bar.close()
+        self.prefetch = None
 
     def online_phase(self, i, steps, desc, co_training):
         """Alg. 1 lines 15-25 (co_training) or line 3: the source agent i acts online and learns.
@@ -1458,6 +1471,47 @@ class Run:
         self.logger.write(agent.updates, "eval", {k: v for k, v in result["eval"].items()
                                                    if isinstance(v, float)})
         return result
+
+
+class BatchPrefetch:
+    """Alg. 1 line 6 off the update's critical path: while one target update runs, a background thread reads the
+    next batch B^(T) from the replay (disk reads; on CUDA also the copy into pinned memory), and take() hands it
+    to the device without blocking the host.
+
+    The batches are the ones sampling one at a time gives: each batch's window starts are drawn here, on the
+    main thread, from the run's RNG in the same order. While a batch is pending the RNG is one draw ahead of the
+    batches used, so a checkpoint records `rng_state`, the state from before the pending batch: a resumed run
+    draws that batch again. Nothing is read ahead of the last batch (ahead=False), so after a phase the RNG is
+    where sampling one at a time leaves it."""
+
+    def __init__(self, replay, cfg, action_size, device, rng):
+        self.replay, self.cfg, self.action_size, self.device, self.rng = replay, cfg, action_size, device, rng
+        self.pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="batch-prefetch")
+        self.pending, self.state_before = None, None
+
+    def request(self):
+        self.state_before = self.rng.bit_generator.state
+        self.pending = self.pool.submit(self.read, self.replay.draw_starts(self.cfg.batch_size, self.rng))
+
+    def read(self, starts):  # runs in the background thread
+        tensors = host_tensors(self.replay.gather(starts, self.cfg.seq_len), self.action_size)
+        return {k: v.pin_memory() for k, v in tensors.items()} if self.device.type == "cuda" else tensors
+
+    def take(self, ahead):
+        """The next batch on the device; with ahead, the batch after it starts loading now."""
+        if self.pending is None:
+            self.request()
+        host, self.pending = self.pending.result(), None
+        if ahead:
+            self.request()
+        return {key: value.to(self.device, non_blocking=True) for key, value in host.items()}
+
+    @property
+    def rng_state(self):
+        return self.state_before if self.pending is not None else self.rng.bit_generator.state
+
+    def close(self):
+        self.pool.shutdown(wait=True)
 
 
 def check_same_config(saved, cfg, path):

@@ -831,11 +831,20 @@ class Replay:
 
     def sample(self, batch: int, length: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
         """A dict of (batch, length, ...) arrays for EPISODE_KEYS, dtypes as stored."""
+        return self.gather(self.draw_starts(batch, rng), length)
+
+    def draw_starts(self, batch: int, rng: np.random.Generator) -> np.ndarray:
+        """The random part of sample(): where each of the ``batch`` windows starts."""
         if not self._episodes:
             raise ValueError("cannot sample from an empty replay")
+        return rng.integers(0, self.num_steps, size=batch)
+
+    def gather(self, starts: np.ndarray, length: int) -> dict[str, np.ndarray]:
+        """The reading part of sample(): the windows at ``starts``. It only reads, so another thread may run it
+        while the replay receives no episodes."""
         first = self._episodes[0]
-        out = {key: np.empty((batch, length, *first[key].shape[1:]), first[key].dtype) for key in EPISODE_KEYS}
-        for row, start in enumerate(rng.integers(0, self.num_steps, size=batch)):
+        out = {key: np.empty((len(starts), length, *first[key].shape[1:]), first[key].dtype) for key in EPISODE_KEYS}
+        for row, start in enumerate(starts):
             self._copy_window(out, row, int(start), length)
         return out
 

@@ -21,6 +21,8 @@ import torch.nn.functional as F
 import coworld as C
 import envs
 
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
 ROOT = pathlib.Path(__file__).resolve().parent
 
 
@@ -521,6 +523,30 @@ def test_replay_windows_cross_into_the_next_episode():
         assert np.array_equal(steps, (steps[0] + np.arange(12)) % total)  # one contiguous stream
         assert batch["is_first"][row].tolist() == [int(s) in episode_starts for s in steps]  # seams marked
     assert len(set(batch["reward"][:, 0].tolist())) > 5  # starts are spread
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[gpu, pytest.mark.gpu])])
+def test_prefetched_batches_are_the_batches_of_sampling_one_at_a_time(tmp_path, device):
+    # The offline phase reads batch n + 1 in a thread while update n runs: the same batches, in the same order,
+    # and a checkpoint taken with a batch pending records the RNG state from before it.
+    replay = envs.Replay(capacity=10_000, spill_dir=tmp_path)
+    for seed in range(5):
+        replay.add(synthetic_episode(30, seed=seed), save=False)
+    cfg = small_cfg(batch_size=6, seq_len=40)
+    rng, reference = np.random.default_rng(3), np.random.default_rng(3)
+    prefetch = C.BatchPrefetch(replay, cfg, 5, torch.device(device), rng)
+    try:
+        for i in range(4):
+            batch = prefetch.take(ahead=i < 3)
+            expected = C.to_torch(replay.sample(6, 40, reference), 5, device)  # on CUDA: pinned, copied without a wait
+            assert batch.keys() == expected.keys()
+            for key, value in expected.items():
+                assert torch.equal(batch[key], value) and batch[key].dtype == value.dtype, key
+            assert prefetch.rng_state == reference.bit_generator.state  # what a checkpoint after update i records
+            assert (prefetch.pending is not None) == (i < 3)
+        assert rng.bit_generator.state == reference.bit_generator.state  # nothing was read past the last batch
+    finally:
+        prefetch.close()
 
 
 def test_replay_memory_stays_flat():
@@ -1523,9 +1549,6 @@ def test_baselines_run(tmp_path, monkeypatch, method):
     assert entered == [True]
 
 
-gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-
-
 @gpu
 @pytest.mark.gpu
 def test_gpu_bf16_updates():
@@ -1625,16 +1648,25 @@ def uninterrupted(tmp_path_factory):
     return summary
 
 
-@pytest.mark.parametrize("episodes, delay", [(1, 0.0), (3, 0.0), (3, 0.4), (4, 0.0), (5, 0.1)])
-def test_sigkill_at_any_point_then_resume_finishes_like_an_uninterrupted_run(tmp_path, uninterrupted, episodes, delay):
+def progress_on_disk(run):
+    """(source episodes saved, target updates logged) of a running run."""
+    log = run / "metrics.jsonl"
+    target_lines = log.read_text().count('"target/model_loss"') if log.exists() else 0
+    return len(list((run / "replay").glob("*/*.npz"))), target_lines
+
+
+@pytest.mark.parametrize("episodes, updates, delay", [(1, 0, 0.0), (3, 0, 0.0), (3, 0, 0.4), (4, 0, 0.0), (5, 0, 0.1),
+                                                      (3, 2, 0.0)])
+def test_sigkill_at_any_point_then_resume_finishes_like_an_uninterrupted_run(tmp_path, uninterrupted, episodes,
+                                                                             updates, delay):
     # Killed `delay` seconds after the n-th of the run's 5 source episodes is on disk: in pretraining, between
-    # an episode file and its checkpoint, in the first offline round, in co-training, in the second round.
+    # an episode file and its checkpoint, in the first offline round, in co-training, in the second round; and
+    # inside the first round, after its second target update, while the next batch is being read ahead.
     reference = uninterrupted
     flags = kill_run_flags(tmp_path, "run")
     process = subprocess.Popen([sys.executable, str(ROOT / "coworld.py"), *flags], cwd=ROOT,
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    replay = tmp_path / "run" / "replay"
-    while process.poll() is None and len(list(replay.glob("*/*.npz"))) < episodes:
+    while process.poll() is None and progress_on_disk(tmp_path / "run") < (episodes, updates):
         time.sleep(0.005)
     time.sleep(delay)
     process.send_signal(signal.SIGKILL)
