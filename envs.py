@@ -72,7 +72,8 @@ BENCH_ENVS = ("metaworld:window-close", "robodesk:open_slide", "dmc:walker_walk"
 
 # Debian packages that provide each OpenGL backend, for error messages.
 _GL_PACKAGES = {"osmesa": "libosmesa6", "egl": "libegl1", "glfw": "libglfw3"}
-_GL_WORDS = re.compile(r"GL|[Mm]esa|egl|glfw")  # in every GL loader's ImportError (PyOpenGL, mujoco, glfw)
+# In every GL loader's ImportError (PyOpenGL, mujoco, glfw); not in a C library's version (GLIBC, GLIBCXX).
+_GL_WORDS = re.compile(r"GL(?!IBC)|[Mm]esa|\begl\b|glfw")
 
 
 class EnvError(ValueError):

@@ -1,5 +1,6 @@
 """Tests for CoWorld: run with `MUJOCO_GL=osmesa python -m pytest -q test_coworld.py`."""
 
+import copy
 import dataclasses
 import json
 import math
@@ -142,14 +143,17 @@ def test_missing_gl_library_names_the_debian_package(monkeypatch, backend, packa
 def test_a_package_version_mismatch_is_not_called_a_gl_problem(monkeypatch):
     import mujoco
 
-    def mismatch(*args, **kwargs):
-        raise ImportError("cannot import name 'Box' from 'gymnasium.spaces'", name="gymnasium.spaces")
+    for error, name in [(ImportError("cannot import name 'Box' from 'gymnasium.spaces'", name="gymnasium.spaces"),
+                         "gymnasium.spaces"),
+                        (ImportError("/lib/libstdc++.so.6: version `GLIBCXX_3.4.32' not found"), "a simulator package")]:
+        def mismatch(*args, **kwargs):
+            raise error
 
-    monkeypatch.setattr(mujoco, "Renderer", mismatch)
-    with pytest.raises(envs.EnvError, match=r"cannot import gymnasium.spaces \(cannot import name 'Box'.*"
-                                            r"pip install -r requirements.txt") as error:
-        envs.make_env("dmc:walker_walk")
-    assert "OpenGL" not in str(error.value)
+        monkeypatch.setattr(mujoco, "Renderer", mismatch)
+        with pytest.raises(envs.EnvError, match=re.escape(f"cannot import {name} ({str(error)[:20]}") +
+                           ".*pip install -r requirements.txt") as raised:
+            envs.make_env("dmc:walker_walk")
+        assert "OpenGL" not in str(raised.value)
 
 
 def test_default_episode_lengths():
@@ -545,8 +549,13 @@ def test_prefetched_batches_are_the_batches_of_sampling_one_at_a_time(tmp_path, 
             assert prefetch.rng_state == reference.bit_generator.state  # what a checkpoint after update i records
             assert (prefetch.pending is not None) == (i < 3)
         assert rng.bit_generator.state == reference.bit_generator.state  # nothing was read past the last batch
+        prefetch.take(ahead=True)
+        reference_state = copy.deepcopy(prefetch.rng_state)
     finally:
         prefetch.close()
+    # An interrupted phase closes its prefetch with a batch pending; the checkpoint written after that still
+    # records the state from before it.
+    assert prefetch.rng_state == reference_state != rng.bit_generator.state
 
 
 def test_replay_memory_stays_flat():
@@ -1643,7 +1652,8 @@ def uninterrupted(tmp_path_factory):
     for line in summary["log"]:
         for key, value in line.items():
             if key != "step":
-                logged.setdefault(key, []).append((line["step"], pytest.approx(value, rel=1e-6, abs=1e-30)))
+                logged.setdefault(key, []).append((line["step"], pytest.approx(value, rel=1e-6, abs=1e-30,
+                                                                               nan_ok=True)))
     assert summary["tensorboard"] == logged  # TensorBoard holds what metrics.jsonl holds
     return summary
 
@@ -1689,8 +1699,8 @@ def test_sigint_writes_a_checkpoint_and_exits_cleanly(tmp_path, uninterrupted, s
         time.sleep(0.2)
     process.send_signal(signum)
     _, err = process.communicate(timeout=300)
-    if process.returncode in (0, -signum):
-        pytest.skip("the run finished (or was finishing) before the signal arrived")
+    if process.returncode in (0, -signum) or "stopped:" in err:
+        pytest.skip("the run finished, or was in its final evaluation, when the signal arrived")
     assert process.returncode == 128 + signum and "checkpoint written" in err and "Traceback" not in err
     assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["progress"]
     assert run_coworld_cli(*flags).returncode == 0
