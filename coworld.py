@@ -20,6 +20,7 @@ import concurrent.futures
 import copy
 import dataclasses
 import fcntl
+import functools
 import json
 import math
 import os
@@ -1296,14 +1297,12 @@ class Run:
         os.write(2, b"\nstopping at the next safe point (online: the end of this episode; evaluation: now); "
                     b"Ctrl-C again stops now, keeping the last checkpoint\n")
 
-    def check_stop(self):
+    def check_stop(self, now=False):
+        """Stop here if asked to. now: a point that saves nothing (the final evaluation), where the checkpoint
+        written just before it is where a resume starts."""
         if self.stop_requested:
-            raise Interrupted(self.stop_signal)
-
-    def check_stop_now(self):
-        """The final evaluation saves nothing: the checkpoint written just before it is where a resume starts."""
-        if self.stop_requested:
-            self.stop_requested = "now"
+            if now:
+                self.stop_requested = "now"
             raise Interrupted(self.stop_signal)
 
     def execute(self):
@@ -1460,10 +1459,10 @@ class Run:
         result = {"env": env_name, "method": cfg.method if self.command != "online" else "dreamerv2-online",
                   "preset": cfg.preset, "render": cfg.render, "device": cfg.device, "seed": cfg.seed,
                   "eval": evaluate(agent, env_name, cfg, cfg.eval_episodes, self.logdir / "videos" / "eval.mp4",
-                                   stop=self.check_stop_now)}
+                                   stop=functools.partial(self.check_stop, now=True))}
         if cfg.eval_random:
             result["random_policy"] = evaluate(agent, env_name, cfg, cfg.eval_episodes, random_policy=True,
-                                               stop=self.check_stop_now)
+                                               stop=functools.partial(self.check_stop, now=True))
         if len(self.sources) > 1 and self.command != "online":
             result["source_selected"] = dict(zip(self.source_names, self.selected.tolist()))
         result["env_steps"] = dict(zip(self.source_names, self.progress["env_steps"]))
