@@ -1387,21 +1387,22 @@ class Run:
         try:
             while self.progress["step"] < steps:
                 random_policy = self.progress["env_steps"][i] < prefill
+                # Algorithm 1's order: learn (every train_every steps, after the prefill), then collect (line 24)
+                if not random_policy and (self.progress["step"] + 1) % cfg.train_every == 0 and replay.num_steps >= cfg.seq_len:
+                    batch = self.sample(replay)  # line 16
+                    if co_training and cfg.reward_alignment:
+                        eta = eta_schedule(self.progress["online_steps"][i] + 1, (cfg.rounds - 1) * cfg.K2,
+                                           cfg.eta_start, cfg.eta_end)
+                        metrics, ok = source_update(agent, batch, cfg, self.sample(self.target_replay), eta)  # 19-23
+                    else:
+                        metrics, ok = source_update(agent, batch, cfg)
+                    self.after_update(agent, metrics, ok, f"source{i}", bar, checkpoint=False)
                 episode = collector.step(agent, explore=True, random_policy=random_policy, rng=self.rng)
                 self.progress["step"] += 1
                 self.progress["env_steps"][i] += 1
                 if co_training:
                     self.progress["online_steps"][i] += 1
                 bar.update(1)
-                if not random_policy and self.progress["step"] % cfg.train_every == 0 and replay.num_steps >= cfg.seq_len:
-                    batch = self.sample(replay)  # line 16
-                    if co_training and cfg.reward_alignment:
-                        eta = eta_schedule(self.progress["online_steps"][i], (cfg.rounds - 1) * cfg.K2, cfg.eta_start,
-                                           cfg.eta_end)
-                        metrics, ok = source_update(agent, batch, cfg, self.sample(self.target_replay), eta)  # 19-23
-                    else:
-                        metrics, ok = source_update(agent, batch, cfg)
-                    self.after_update(agent, metrics, ok, f"source{i}", bar, checkpoint=False)
                 if episode is not None:  # checkpoints go here, after this step's update
                     self.end_of_episode(i, episode, bar)
                     if self.reached_stop_return(i):
