@@ -1,22 +1,13 @@
 """CoWorld: Collaborative World Models for offline visual RL (Wang et al., ICML 2024).
 
-One file, in the order of the paper:
-  1. Config (Table 7) and the command line
-  2. Networks: CNN encoder/decoder, RSSM (Eq. 1), heads, the truncated action distribution
-  3. World-model learning (Eq. 2), Stage A state alignment (Eq. 3)
-  4. Stage B reward alignment (Eq. 4, 5)
-  5. Behaviour learning: imagination, lambda-return (Eq. 8), Stage C value constraint (Eq. 6, 11),
-     actor (Eq. 7, 10)
-  6. Multi-source selection (Appendix C, Eq. 12)
-  7. The agent: update steps, acting, evaluation, checkpoints
-  8. The training loop: Algorithm 1
-  9. main()
-
-Read it next to the paper: every equation is a small function whose docstring cites it, and the
-training loop cites the lines of Algorithm 1.
+Read it beside the paper. Above the seam, the method in the paper's order: 1. Config (Table 7);
+2. networks (Eq. 1); 3. world-model learning (Eq. 2) and Stage A, state alignment (Eq. 3); 4. Stage B,
+reward alignment (Eq. 4, 5); 5. behaviour learning (Eq. 6-11) with Stage C, the min-max value constraint;
+6. multi-source selection (App. C, Eq. 12); 7. the update steps, acting and evaluation; 8. Algorithm 1 as
+one loop. Below the seam, the harness: run state, checkpoints, signals, logging, datasets, command line.
 """
 import argparse
-import concurrent.futures
+import contextlib
 import copy
 import dataclasses
 import fcntl
@@ -28,7 +19,6 @@ import random
 import shutil
 import signal
 import sys
-import tempfile
 import threading
 import time
 import traceback
@@ -47,7 +37,7 @@ from torch.utils.checkpoint import checkpoint
 
 
 # =============================================================================================
-# 1. Config: the paper's Table 7 as defaults, presets for other scales, the command line
+# 1. Config: Table 7's values as defaults; presets for other scales
 # =============================================================================================
 
 def param(default, help):
@@ -74,12 +64,10 @@ class Config:
     beta1: float = param(1.0, "beta1: KL loss scale (Eq. 3)")
     beta2: typing.Optional[float] = param(None, "beta2: domain KL loss scale (Eq. 3); 1 MW/RoboDesk, 1.5 DMC")
     k: typing.Optional[float] = param(None, "k: target-informed reward factor (Eq. 4); 0.3 MW/RoboDesk, 0.9 DMC")
-    alpha: typing.Optional[float] = param(None, "alpha: target critic value constraint scale (Eq. 6); 2 MW/RoboDesk, 1 DMC")
-    K1: typing.Optional[int] = param(None, "K1: offline target iterations per round (Alg. 1 line 5; Table 7's target "
-                                           "domain update iterations); 5e4 MW/RoboDesk, 2e4 DMC")
-    K2: int = param(20_000, "K2: online source steps per round (Alg. 1 line 15; Table 7's source domain update "
-                            "iterations)")
-    rounds: typing.Optional[int] = param(None, "rounds of Alg. 1's while loop; default: 300k (MW/RoboDesk) or 600k (DMC) "
+    alpha: typing.Optional[float] = param(None, "alpha: target critic value constraint scale (Eq. 6); 2 MW/RD, 1 DMC")
+    K1: typing.Optional[int] = param(None, "K1: offline target iterations per round (Alg. 1 line 6); 5e4 MW/RD, 2e4 DMC")
+    K2: int = param(20_000, "K2: online source steps per round (Alg. 1 line 16)")
+    rounds: typing.Optional[int] = param(None, "rounds of Alg. 1's while loop; default: 300k (MW/RD) or 600k (DMC) "
                                          "target iterations over K1, for every method (App. D)")
     eta_start: float = param(1.0, "eta at the start of the online stages (Eq. 5)")
     eta_end: float = param(0.1, "eta at the end of the online stages (Eq. 5)")
@@ -88,8 +76,7 @@ class Config:
     value_constraint: str = param("max", "Stage C (Eq. 6): max | linear ('w/o Max', Sec. 4.5) | none")
     # World model (Table 7 and DreamerV2)
     replay_capacity: int = param(2_000_000, "replay capacity in steps")
-    replay_images: str = param("disk", "where replay images live: disk (a temporary file in the run folder, read "
-                                       "per batch; RAM stays flat) | memory")
+    replay_images: str = param("disk", "replay images in a temporary file in the run folder (disk) | in memory")
     batch_size: int = param(50, "B: batch size")
     seq_len: int = param(50, "L: sequence length")
     stoch: int = param(32, "discrete latent dimensions")
@@ -113,19 +100,19 @@ class Config:
     rho: float = param(1.0, "rho: dynamics backprop vs REINFORCE mix (Eq. 7)")
     beta: float = param(1e-4, "beta: actor entropy scale (Eq. 7)")
     slow_critic_every: int = param(100, "hard copy of the slow target critic every N updates")
-    chunks: int = param(0, "decode the frames, recompute the encoder's first convolutions and imagine from the "
-                           "start states in this many parts (same gradient, less memory); 0 = auto: 1 on CUDA, 4 on CPU "
-                           "(small preset: 1)")
+    chunks: int = param(1, "memory: decode, recompute the encoder's first convolutions and imagine in this many "
+                           "parts (the same gradient; for out-of-memory errors)")
     adam_eps: float = param(1e-5, "Adam epsilon")
     grad_clip: float = param(100.0, "gradient clipping (global norm, per optimiser)")
     # Interaction
     train_every: int = param(5, "environment steps per update online")
     prefill: typing.Optional[int] = param(None, "random steps before training; 5000 MW/RoboDesk, 2500 DMC")
-    pretrain_steps: typing.Optional[int] = param(None, "source pretraining steps (Alg. 1 line 3); 160k MW/RoboDesk, 600k DMC")
-    stop_return: typing.Optional[float] = param(None, "online: stop once the last 5 episodes average this return (medium-replay)")
+    pretrain_steps: typing.Optional[int] = param(None, "source pretraining steps (Alg. 1 line 3); 160k MW/RD, 600k DMC")
+    stop_return: typing.Optional[float] = param(None, "online: stop once the last 5 episodes average this return")
     max_episode_steps: typing.Optional[int] = param(None, "shorter episodes (tests and demos)")
     target_episodes: int = param(200, "episodes in a default target dataset")
-    dataset_policy: str = param("auto", "policy of a default target dataset: auto (scripted on Meta-World, else random) | random | scripted")
+    dataset_policy: str = param("auto", "default target dataset's policy: auto (scripted where one exists) | random "
+                                        "| scripted")
     # Evaluation, logging, checkpoints
     eval_episodes: int = param(10, "evaluation episodes")
     eval_random: bool = param(False, "also evaluate a uniform random policy")
@@ -140,189 +127,27 @@ SUITES = {
     "robodesk": dict(beta2=1.0, k=0.3, alpha=2.0, K1=50_000, iterations=300_000, pretrain_steps=160_000, prefill=5000),
     "dmc": dict(beta2=1.5, k=0.9, alpha=1.0, K1=20_000, iterations=600_000, pretrain_steps=600_000, prefill=2500),
 }
-
 # Presets change scale, never code. `small` makes every path run in minutes on a 2-core CPU; its RSSM size
 # and learning rates are DreamerV2's own DMC configuration (200 units; 3e-4, 8e-5, 8e-5).
 PRESETS = {
     "paper": {},
     "small": dict(
         batch_size=16, seq_len=16, stoch=16, classes=16, deter=200, hidden=200, cnn_depth=16,
-        mlp_units=200, mlp_layers=2, model_lr=3e-4, actor_lr=8e-5, critic_lr=8e-5, chunks=1,
+        mlp_units=200, mlp_layers=2, model_lr=3e-4, actor_lr=8e-5, critic_lr=8e-5,
         K1=400, K2=2000, rounds=2, pretrain_steps=5000, prefill=1000,
         target_episodes=10, eval_episodes=3, render="fast", replay_capacity=200_000,
         log_every=25, checkpoint_every=250,
     ),
 }
 METHODS = ("coworld", "offline-dv2", "dv2-finetune")
-CHECKPOINT_VERSION = 2  # raised when a checkpoint's meaning changes (2: Table 7's K1/K2 by domain, safe points)
-COMMANDS = ("train", "online", "evaluate", "bench")
-
-
-class ConfigError(ValueError):
-    """A bad flag or value; main() prints it as one line and exits with code 2."""
-
-
-class Interrupted(KeyboardInterrupt):
-    """Ctrl-C (SIGINT) or SIGTERM stopped a run; main() exits with 128 + the signal's number, as a shell does."""
-
-    def __init__(self, signum):
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
 
 
 def family(env_name):
     return env_name.split(":", 1)[0]
 
 
-def resolve(cfg: Config, command: str = "train") -> Config:
-    """Fill the per-suite (None) values of Table 7 (the target's suite; online: the environment's), the device
-    and the output folder."""
-    suite = SUITES.get(family(cfg.source[0] if command == "online" else cfg.target), SUITES["metaworld"])
-    values = {name: suite[name] for name in ("beta2", "k", "alpha", "K1", "pretrain_steps")
-              if getattr(cfg, name) is None}
-    if cfg.rounds is None:  # every method trains the target App. D's 300k / 600k iterations
-        values["rounds"] = max(1, math.ceil(suite["iterations"] / max(1, values.get("K1", cfg.K1))))
-    if cfg.device == "auto":
-        values["device"] = "cuda" if torch.cuda.is_available() else "cpu"
-    device = values.get("device", cfg.device)
-    if cfg.precision == "auto":
-        values["precision"] = "bf16" if device == "cuda" else "float32"
-    if cfg.compile == "auto":
-        values["compile"] = "on" if device == "cuda" else "off"
-    if cfg.chunks == 0:
-        values["chunks"] = 1 if device == "cuda" else 4
-    if not cfg.logdir:
-        name = cfg.source[0] if command == "online" else cfg.target
-        label = "online" if command == "online" else cfg.method
-        values["logdir"] = f"runs/{label}-{name.replace(':', '-')}-s{cfg.seed}"
-    return dataclasses.replace(cfg, **values)
-
-
 def prefill_steps(cfg, env_name):
     return cfg.prefill if cfg.prefill is not None else SUITES[family(env_name)]["prefill"]
-
-
-def validate(cfg: Config, command: str = "train"):
-    """Reject values that cannot work, with a message that says which flag to change."""
-    checks = [
-        (cfg.method in METHODS, f"--method must be one of {', '.join(METHODS)}"),
-        (cfg.preset in ("auto", *PRESETS), f"--preset must be auto or one of {', '.join(PRESETS)}"),
-        (cfg.device in ("cpu", "cuda"), "--device must be auto, cpu or cuda"),
-        (cfg.device != "cuda" or torch.cuda.is_available(), "--device cuda, but torch sees no CUDA device"),
-        (cfg.precision in ("float32", "bf16"), "--precision must be auto, float32 or bf16"),
-        (cfg.compile in ("on", "off"), "--compile must be auto, on or off"),
-        (cfg.replay_images in ("disk", "memory"), "--replay-images must be disk or memory"),
-        (cfg.render in ("default", "fast"), "--render must be default or fast"),
-        (cfg.value_constraint in ("max", "linear", "none"), "--value-constraint must be max, linear or none"),
-        (cfg.dataset_policy in ("auto", "random", "scripted"), "--dataset-policy must be auto, random or scripted"),
-        (0.0 <= cfg.k <= 1.0, "--k must lie in [0, 1]"),
-        (0.0 < cfg.gamma <= 1.0, "--gamma must lie in (0, 1]"),
-        (0.0 <= cfg.lambda_ <= 1.0, "--lambda must lie in [0, 1]"),
-        (0.0 <= cfg.kl_balance <= 1.0, "--kl-balance must lie in [0, 1]"),
-        (min(cfg.batch_size, cfg.seq_len, cfg.horizon, cfg.stoch, cfg.classes, cfg.deter, cfg.hidden,
-             cfg.cnn_depth, cfg.mlp_units, cfg.mlp_layers, cfg.train_every, cfg.ensemble, cfg.chunks) > 0,
-         "sizes (batch, sequence, horizon, network widths, train-every, ensemble, chunks) must be positive"),
-        (cfg.horizon >= 2, "--horizon must be at least 2"),
-        (min(cfg.K2, cfg.rounds, cfg.pretrain_steps) >= 0, "iteration counts must not be negative"),
-        (cfg.K1 >= 1, "--K1 (target iterations per round) must be at least 1"),
-        (min(cfg.eval_episodes, cfg.target_episodes, cfg.log_every, cfg.checkpoint_every, cfg.slow_critic_every,
-             cfg.replay_capacity, cfg.max_bad_updates, cfg.max_episode_steps or 1) >= 1,
-         "episode counts, --log-every, --checkpoint-every, --slow-critic-every, --replay-capacity, --max-bad-updates "
-         "and --max-episode-steps must be at least 1"),
-        (0 <= cfg.seed < 2 ** 31, "--seed must lie in [0, 2**31)"),
-        (len(cfg.source) >= 1, "--source needs at least one environment"),
-        (cfg.method != "dv2-finetune" or len(cfg.source) == 1, "--method dv2-finetune takes one --source"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise ConfigError(message)
-    used = cfg.source if command == "online" else (*(() if cfg.method == "offline-dv2" else cfg.source), cfg.target)
-    for name in used:  # only the environments the command uses: the others need not be installed
-        envs.check_env_name(name)
-    check_writable(cfg.logdir)
-
-
-def check_writable(folder):
-    """Fail before any work when the output folder cannot be created or written."""
-    existing = Path(folder).absolute()
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir() or not os.access(existing, os.W_OK):
-        raise ConfigError(f"cannot write {folder}: {existing} is not a writable folder")
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        raise ConfigError(message)
-
-
-def flag_name(name):
-    return "--" + name.rstrip("_").replace("_", "-")
-
-
-def build_parser(command):
-    parser = _Parser(prog=f"coworld.py {command}" if command != "train" else "coworld.py",
-                     argument_default=argparse.SUPPRESS,
-                     description=COMMAND_HELP[command])
-    hints = typing.get_type_hints(Config)
-    if command == "online":
-        parser.add_argument("--env", help="the environment to train on online (DreamerV2)")
-        parser.add_argument("--steps", type=int, help="environment steps (after action repeat)")
-    if command == "bench":
-        parser.add_argument("--updates", type=int, help="timed updates per measurement (default 3)")
-        parser.add_argument("--env-steps", type=int, help="environment steps per env benchmark (default 50)")
-        parser.add_argument("--check-updates", type=int, help="updates of the bf16 vs float32 check (default 20)")
-        parser.add_argument("--replay-steps", type=int, help="also measure training memory from a synthetic dataset "
-                                                             "of this many steps, images on disk vs in memory (default 0: skip)")
-        parser.add_argument("--profile", action="store_true", help="also profile one update of each kind: the "
-                                                                   "operators that take the most time, operator calls and kernel launches")
-    for f in dataclasses.fields(Config):
-        kind = typing.get_args(hints[f.name])[0] if typing.get_origin(hints[f.name]) is typing.Union else hints[f.name]
-        kwargs = dict(help=f"{f.metadata['help']} (default: {f.default})")
-        if kind is bool:
-            kwargs["action"] = argparse.BooleanOptionalAction
-        elif kind is tuple:
-            kwargs["nargs"] = "+"
-        else:
-            kwargs["type"] = kind
-        parser.add_argument(flag_name(f.name), dest=f.name, **kwargs)
-    return parser
-
-
-COMMAND_HELP = {
-    "train": "CoWorld (Algorithm 1): pretrain the source agent(s) online, then alternate offline target "
-             "iterations and online source iterations, then evaluate the target agent.",
-    "online": "Train one DreamerV2 agent online (Alg. 1 line 3); its replay folder is a medium-replay "
-              "dataset when --stop-return is set.",
-    "evaluate": "Evaluate the target agent of a finished or running CoWorld run.",
-    "bench": "Time updates, acting and environment steps; prints numbers to paste into an issue.",
-}
-
-
-def parse_args(argv):
-    """Command line -> (command, Config): dataclass defaults < preset < explicit flags."""
-    argv = list(argv)
-    command = argv.pop(0) if argv and argv[0] in COMMANDS else "train"
-    given = vars(build_parser(command).parse_args(argv))
-    extra = {key: given.pop(key) for key in ("env", "steps", "updates", "env_steps", "check_updates", "replay_steps",
-                                             "profile") if key in given}
-    if "env" in extra:
-        given["source"] = (extra["env"],)
-    if "steps" in extra:
-        given["pretrain_steps"] = extra["steps"]
-    if "source" in given:
-        given["source"] = tuple(given["source"])
-    preset = given.get("preset", "auto")
-    if preset == "auto":
-        device = given.get("device", "auto")
-        on_cuda = device == "cuda" or device == "auto" and torch.cuda.is_available()
-        preset = "paper" if on_cuda else "small"
-    if preset not in PRESETS:
-        raise ConfigError(f"--preset must be auto or one of {', '.join(PRESETS)}")
-    cfg = dataclasses.replace(Config(), **{**PRESETS[preset], **given, "preset": preset})
-    cfg = resolve(cfg, command)
-    validate(cfg, command)
-    return command, cfg, extra
 
 
 # =============================================================================================
@@ -334,11 +159,6 @@ def preprocess(image):
     return image.float() / 255.0 - 0.5
 
 
-def elu():
-    """ELU in place: its backward needs only its output, so the pre-activation is not kept (half the memory)."""
-    return nn.ELU(inplace=True)
-
-
 class Encoder(nn.Module):
     """Image encoding e_t = e_phi(o_t) (Eq. 1): four 4x4 stride-2 convolutions, 64 -> 31 -> 14 -> 6 -> 2."""
 
@@ -346,28 +166,21 @@ class Encoder(nn.Module):
         super().__init__()
         layers, channels = [], 3
         for i in range(4):
-            layers += [nn.Conv2d(channels, depth * 2 ** i, 4, 2), elu()]
+            layers += [nn.Conv2d(channels, depth * 2 ** i, 4, 2), nn.ELU()]
             channels = depth * 2 ** i
         self.net = nn.Sequential(*layers)
         self.out_dim, self.chunks = 32 * depth, chunks
 
     def forward(self, image):  # (..., 64, 64, 3) uint8 -> (..., 32 * depth)
         lead = image.shape[:-3]
-        x = preprocess(image.reshape(-1, *image.shape[-3:])).permute(0, 3, 1, 2)
+        x = preprocess(image.reshape(-1, *image.shape[-3:])).permute(0, 3, 1, 2)  # (N, 3, 64, 64)
         x = x.contiguous(memory_format=torch.channels_last)
         front, back = self.net[:4], self.net[4:]  # the first two convolutions, the last two
-        x = recompute_in_chunks(front, x, self.chunks) if torch.is_grad_enabled() and self.chunks > 1 else front(x)
+        if self.chunks > 1 and torch.is_grad_enabled():  # memory device (section 7): recomputed in parts
+            x = recompute_in_chunks(front, x, self.chunks)
+        else:
+            x = front(x)
         return back(x).reshape(*lead, self.out_dim)
-
-
-def recompute_in_chunks(module, x, chunks):
-    """module(x) whose activations are not kept but recomputed in the backward pass, `chunks` frames at a time.
-
-    A memory device for the encoder's first two convolutions: their outputs are the largest activations of
-    an update (650 MB of 2,500 frames at the paper's size) and their gradients as large again, while
-    recomputing them costs under 3% of the update's FLOPs.
-    """
-    return torch.cat([checkpoint(module, part, use_reentrant=False) for part in x.tensor_split(chunks)])
 
 
 class Decoder(nn.Module):
@@ -378,27 +191,22 @@ class Decoder(nn.Module):
         self.depth = depth
         self.fc = nn.Linear(feat_dim, 32 * depth)
         self.net = nn.Sequential(
-            nn.ConvTranspose2d(32 * depth, 4 * depth, 5, 2), elu(),
-            nn.ConvTranspose2d(4 * depth, 2 * depth, 5, 2), elu(),
-            nn.ConvTranspose2d(2 * depth, depth, 6, 2), elu(),
+            nn.ConvTranspose2d(32 * depth, 4 * depth, 5, 2), nn.ELU(),
+            nn.ConvTranspose2d(4 * depth, 2 * depth, 5, 2), nn.ELU(),
+            nn.ConvTranspose2d(2 * depth, depth, 6, 2), nn.ELU(),
             nn.ConvTranspose2d(depth, 3, 6, 2))
 
     def forward(self, feat):  # (..., F) -> image mean (..., 64, 64, 3)
         lead = feat.shape[:-1]
-        # On its 1x1 input the first transposed convolution is one matrix product, computed as such: CPU
-        # convolution kernels are slow for this shape, most of all in bf16.
-        first, k = self.net[0], self.net[0].kernel_size[0]
-        x = F.linear(self.fc(feat).reshape(-1, 32 * self.depth), first.weight.flatten(1).T,
-                     first.bias.repeat_interleave(k * k)).unflatten(-1, (-1, k, k))  # (N, 4 * depth, 5, 5)
-        x = self.net[1:](x.contiguous(memory_format=torch.channels_last))
-        return x.permute(0, 2, 3, 1).reshape(*lead, 64, 64, 3)
+        x = self.fc(feat).reshape(-1, 32 * self.depth, 1, 1).contiguous(memory_format=torch.channels_last)
+        return self.net(x).permute(0, 2, 3, 1).reshape(*lead, 64, 64, 3)
 
 
 def mlp(inp, out, units, layers):
     """The ELU MLP used for the reward, discount, actor and critic heads."""
     parts, size = [], inp
     for _ in range(layers):
-        parts += [nn.Linear(size, units), elu()]
+        parts += [nn.Linear(size, units), nn.ELU()]
         size = units
     return nn.Sequential(*parts, nn.Linear(size, out))
 
@@ -449,12 +257,12 @@ class RSSM(nn.Module):
         self.stoch, self.classes, self.deter = stoch, classes, deter
         mask = torch.arange(action_size) < (env_actions or action_size)
         self.register_buffer("action_mask", mask.float(), persistent=False)
-        self.img_in = nn.Sequential(nn.Linear(stoch * classes + action_size, hidden), elu())
+        self.img_in = nn.Sequential(nn.Linear(stoch * classes + action_size, hidden), nn.ELU())
         self.gru = GRUCell(hidden, deter)
         self.priors = nn.ModuleList(
-            nn.Sequential(nn.Linear(deter, hidden), elu(), nn.Linear(hidden, stoch * classes))
+            nn.Sequential(nn.Linear(deter, hidden), nn.ELU(), nn.Linear(hidden, stoch * classes))
             for _ in range(ensemble))
-        self.posterior = nn.Sequential(nn.Linear(deter + embed_dim, hidden), elu(),
+        self.posterior = nn.Sequential(nn.Linear(deter + embed_dim, hidden), nn.ELU(),
                                        nn.Linear(hidden, stoch * classes))
 
     def initial(self, batch, device):
@@ -523,7 +331,8 @@ class TruncatedNormal:
         return self.sum(log_pdf - self.scale.log() - self.Z.log())
 
     def entropy(self):
-        phi = lambda x: torch.exp(-0.5 * x ** 2) / math.sqrt(2 * math.pi)
+        def phi(x):
+            return torch.exp(-0.5 * x ** 2) / math.sqrt(2 * math.pi)
         ent = (0.5 * math.log(2 * math.pi * math.e) + self.scale.log() + self.Z.log()
                + (self.a * phi(self.a) - self.b * phi(self.b)) / (2 * self.Z))
         return self.sum(ent)
@@ -564,7 +373,7 @@ class WorldModel(nn.Module):
 
     def __init__(self, cfg, action_size, ensemble=1, env_actions=None):
         super().__init__()
-        self.encoder = Encoder(cfg.cnn_depth, max(cfg.chunks, 1))
+        self.encoder = Encoder(cfg.cnn_depth, cfg.chunks)
         self.rssm = RSSM(action_size, self.encoder.out_dim, cfg.stoch, cfg.classes, cfg.deter, cfg.hidden, ensemble,
                          env_actions)
         self.feat_dim = cfg.stoch * cfg.classes + cfg.deter
@@ -574,7 +383,7 @@ class WorldModel(nn.Module):
 
     def observe(self, batch, embed=None):
         """Encode and filter a batch: features [z, h] (B, T, F), the posterior and prior logits, the embedding."""
-        embed = self.encoder(batch["image"]) if embed is None else embed
+        embed = self.encoder(batch["image"]) if embed is None else embed  # (B, T, E)
         h, z, post, prior = self.rssm.observe(embed, batch["action"], batch["is_first"])
         return torch.cat([z, h], -1), (h, z), post, prior, embed
 
@@ -593,45 +402,6 @@ def image_nll(mean, image):
     target = preprocess(image)  # (..., 64, 64, 3)
     return (0.5 * F.mse_loss(mean.float(), target, reduction="sum") / target.shape[:-3].numel()
             + 0.5 * math.log(2 * math.pi) * target.shape[-3:].numel())
-
-
-class DecodedImageNLL(torch.autograd.Function):
-    """image_nll(decoder(feat), image) whose gradient is computed in the forward pass, one chunk of frames at
-    a time, and handed out in the backward pass.
-
-    A memory device, exact and without recomputation: the decoder's activations (1.4 GB for 2,500 frames at
-    the paper's size) are alive for one chunk only, instead of from the forward pass until the loss's
-    backward. The parameters are inputs so their gradients flow through the usual .backward().
-    """
-
-    @staticmethod
-    def forward(ctx, feat, image, decoder, chunks, *params):  # feat (N, F), image (N, 64, 64, 3)
-        feat_grads, param_grads = [], [torch.zeros_like(p) for p in params]
-        total = feat.new_zeros((), dtype=torch.float32)
-        with torch.enable_grad():
-            for f, o in zip(feat.tensor_split(chunks), image.tensor_split(chunks)):
-                f = f.detach().requires_grad_()
-                # The decoder sees a view of f: module hooks (bench's FLOP counter) cannot watch a leaf in autograd.grad.
-                nll = image_nll(decoder(f.view_as(f)), o) * (len(f) / len(feat))  # shares add up to the mean
-                grads = torch.autograd.grad(nll, [f, *params])
-                feat_grads.append(grads[0])
-                for acc, g in zip(param_grads, grads[1:]):
-                    acc += g
-                total = total + nll.detach()
-        ctx.save_for_backward(torch.cat(feat_grads), *param_grads)
-        return total
-
-    @staticmethod
-    def backward(ctx, grad):
-        feat_grad, *param_grads = ctx.saved_tensors
-        return grad * feat_grad, None, None, None, *(grad * g for g in param_grads)
-
-
-def decoded_image_nll(decoder, feat, image, chunks):
-    """-ln p(o | h, z) of Eq. (2) for features (..., F) and images (..., 64, 64, 3)."""
-    if not torch.is_grad_enabled():
-        return image_nll(decoder(feat), image)
-    return DecodedImageNLL.apply(feat.flatten(0, -2), image.flatten(0, -4), decoder, chunks, *decoder.parameters())
 
 
 def categorical_kl(p_logits, q_logits):
@@ -660,9 +430,15 @@ def world_model_loss(wm, batch, cfg, reward_term=None):
     reward_term maps the reward NLL to the loss's reward term: the source model passes Eq. (5).
     Returns the loss, its terms, the posterior states (h, z) and the embedding e(o).
     """
-    feat, state, post, prior, embed = wm.observe(batch)
+    B, T = batch["is_first"].shape
+    feat, state, post, prior, embed = wm.observe(batch)  # feat (B, T, F); post (B, T, S, C); prior (E, B, T, S, C)
+    assert feat.shape == (B, T, wm.feat_dim) and post.shape[:2] == (B, T), (feat.shape, post.shape)
+    if cfg.chunks > 1:  # memory device (section 7): the decoder's gradient computed in parts, the same values
+        image = decoded_image_nll(wm.decoder, feat, batch["image"], cfg.chunks)
+    else:
+        image = image_nll(wm.decoder(feat), batch["image"])
     terms = {
-        "image_nll": decoded_image_nll(wm.decoder, feat, batch["image"], cfg.chunks),
+        "image_nll": image,
         "reward_nll": gaussian_nll(wm.reward(feat).squeeze(-1), batch["reward"]).mean(),
         "discount_nll": F.binary_cross_entropy_with_logits(
             wm.discount(feat).squeeze(-1).float(), cfg.gamma * (1.0 - batch["is_terminal"].float())),
@@ -709,7 +485,7 @@ def reward_alignment_loss(source_nll, relabelled_nll, eta):
 # =============================================================================================
 
 def imagine(wm, actor, h, z, horizon):
-    """Roll the prior forward H steps from every start state under pi (Alg. 1 lines 10 and 23).
+    """Roll the prior forward H steps from every start state under pi (Alg. 1 lines 11 and 23).
 
     Returns features (H+1, N, F), h (H+1, N, D), and per step the action log-prob and entropy (H, N).
     Actions keep their reparameterised gradient (dynamics backprop); the actor sees sg(features).
@@ -736,6 +512,11 @@ def lambda_return(reward, value, discount, lambda_):
 
     reward, discount: (H, N) for states 0..H-1; value: (H+1, N) for states 0..H. Returns V: (H, N),
     in time order (the authors' scan returned it reversed).
+
+        States:    z0 -> z1 -> ... -> z_{H-1} -> z_H
+        Rewards:   r0    r1          r_{H-1}
+        Values:    v0    v1          v_{H-1}    v_H   (v_H bootstraps V_{H-1})
+        Returns:   V0    V1          V_{H-1}
     """
     returns, next_return = [], value[-1]
     for t in reversed(range(reward.shape[0])):
@@ -757,7 +538,12 @@ def value_constraint(v, v_source, alpha, kind="max"):
 
 
 def critic_loss(v, V, weight, v_source=None, alpha=0.0, kind="max"):
-    """Eq. (6) / Eq. (11): E[sum_t w_t (1/2 (v(z_t) - sg(V_t))^2 + value constraint)], over (H, N)."""
+    """Eq. (6) / Eq. (11): E[sum_t w_t (1/2 (v(z_t) - sg(V_t))^2 + value constraint)], over (H, N).
+
+        States:    [z0] [z1] ... [z_{H-1}]  z_H
+        Targets:   [V0] [V1] ... [V_{H-1}]        (lambda_return)
+        Weights:   [w0] [w1] ... [w_{H-1}]  w_H   (the caller passes weight[:-1])
+    """
     loss = 0.5 * (v - V.detach()) ** 2
     if v_source is not None:
         loss = loss + value_constraint(v, v_source, alpha, kind)
@@ -769,6 +555,12 @@ def actor_loss(V, baseline, log_prob, entropy, weight, rho, beta):
 
     The action at state t leads to state t+1, so it is scored by V_{t+1} (DreamerV2's indexing):
     V (H, N); baseline, weight (H+1, N); log_prob, entropy (H, N). Uses states 0..H-2.
+
+        States:     [z0] -> [z1] -> ... -> [z_{H-2}] -> z_{H-1} -> z_H
+        Actions:    [a0]    [a1]           [a_{H-2}]    a_{H-1}
+        Targets:     V0     [V1]    ...    [V_{H-1}]                  V[1:]
+        Baselines:  [v0]    [v1]           [v_{H-2}]    v_{H-1}   v_H  baseline[:-2]
+        Weights:    [w0]    [w1]           [w_{H-2}]    w_{H-1}   w_H  weight[:-2]
     """
     target = V[1:]
     advantage = (target - baseline[:-2]).detach()
@@ -777,29 +569,32 @@ def actor_loss(V, baseline, log_prob, entropy, weight, rho, beta):
 
 
 def behaviour_losses(agent, h, z, is_terminal, cfg, source_critics=None, omega=None):
-    """Alg. 1 lines 10-12 (target) / 23 (source): imagine from every posterior state, then Eq. (8), (6), (7).
+    """Alg. 1 lines 11-13 (target) / 23-24 (source): imagine from every posterior state, then Eq. (8), (6), (7).
 
-    source_critics with one-hot weights omega give v_xi'(z^(T)) for the value constraint (Eq. 6, 12).
+    h (..., D), z (..., S*C), is_terminal (...): the start states. source_critics with one-hot weights omega give
+    v_xi'(z^(T)) for the value constraint (Eq. 6, 12).
     """
-    wm = agent.wm
-    h, z = h.detach().reshape(-1, h.shape[-1]), z.detach().reshape(-1, z.shape[-1])  # every posterior state starts a rollout
-    feat, hs, log_prob, entropy = imagine(wm, agent.actor, h, z, cfg.horizon)
+    wm, H = agent.wm, cfg.horizon
+    h, z = h.detach().flatten(0, -2), z.detach().flatten(0, -2)  # every posterior state starts a rollout: (N, D), (N, S*C)
+    is_terminal, N = is_terminal.flatten(), len(h)
+    feat, hs, log_prob, entropy = imagine(wm, agent.actor, h, z, H)  # (H+1, N, F), (H+1, N, D)
     # Eq. (8) needs r and gamma of states 0..H-1 only; the heads skip the states whose outputs go unused.
     reward = wm.reward(feat[:-1]).squeeze(-1).float()  # (H, N)
     if len(wm.rssm.priors) > 1:  # offline-dv2: reward minus lambda * ensemble disagreement
         reward = reward - cfg.penalty * ensemble_disagreement(wm.rssm, hs[:-1])
     discount = torch.sigmoid(wm.discount(feat[1:-1]).squeeze(-1).float())  # (H-1, N), states 1..H-1
-    discount = torch.cat([cfg.gamma * (1.0 - is_terminal.flatten().float())[None], discount])  # (H, N)
+    discount = torch.cat([cfg.gamma * (1.0 - is_terminal.float())[None], discount])  # (H, N); state 0 from the data
     weight = torch.cumprod(torch.cat([torch.ones_like(discount[:1]), discount]), 0)  # (H+1, N)
     slow_value = agent.slow_critic(feat).squeeze(-1).float()  # (H+1, N)
     V = lambda_return(reward, slow_value, discount, cfg.lambda_)  # (H, N)
+    assert V.shape == (H, N) and weight.shape == slow_value.shape == (H + 1, N), (V.shape, weight.shape)
     losses = {"actor": actor_loss(V, slow_value, log_prob, entropy, weight, cfg.rho, cfg.beta)}
-    v = agent.critic(feat[:-1].detach()).squeeze(-1).float()
+    v = agent.critic(feat[:-1].detach()).squeeze(-1).float()  # (H, N)
     v_source = None
     if source_critics:
         with torch.no_grad():
-            values = torch.stack([c(feat[:-1].detach()).squeeze(-1).float() for c in source_critics])
-            v_source = torch.einsum("i,i...->...", omega, values)
+            values = torch.stack([c(feat[:-1].detach()).squeeze(-1).float() for c in source_critics])  # (I, H, N)
+            v_source = torch.einsum("i,i...->...", omega, values)  # (H, N)
     losses["critic"] = critic_loss(v, V, weight[:-1], v_source, cfg.alpha, cfg.value_constraint)
     metrics = {"imag_reward": reward.mean().detach(), "imag_value": v.mean().detach(), "lambda_return": V.mean().detach(),
                "actor_entropy": entropy.mean().detach()}
@@ -825,7 +620,7 @@ def select_source(e_sources, e_target):
 
 
 # =============================================================================================
-# 7. The agent: optimisation, update steps, acting, evaluation, checkpoints
+# 7. The update steps, acting and evaluation
 # =============================================================================================
 
 class Agent(nn.Module):
@@ -848,9 +643,9 @@ class Agent(nn.Module):
     def build_optimisers(self):
         cfg = self.cfg
         # fused: one kernel for all of a network's parameters instead of a dozen operations per tensor
-        adam = lambda module, lr: torch.optim.Adam(module.parameters(), lr=lr, eps=cfg.adam_eps, fused=True)
-        self.opts = {"model": adam(self.wm, cfg.model_lr), "actor": adam(self.actor, cfg.actor_lr),
-                     "critic": adam(self.critic, cfg.critic_lr)}
+        self.opts = {name: torch.optim.Adam(module.parameters(), lr=lr, eps=cfg.adam_eps, fused=True)
+                     for name, module, lr in (("model", self.wm, cfg.model_lr), ("actor", self.actor, cfg.actor_lr),
+                                              ("critic", self.critic, cfg.critic_lr))}
         self.params = {"model": list(self.wm.parameters()), "actor": list(self.actor.parameters()),
                        "critic": list(self.critic.parameters())}
         return self
@@ -910,10 +705,10 @@ class Agent(nn.Module):
 
 
 def compile_steps(rssm, actor):
-    """torch.compile the functions called once per time step: the RSSM's filtering and imagination steps and
-    the actor's sampling. On a GPU an update is launch-bound (about 10,000 small kernels for 65 sequential
-    steps); compiling fuses each step's element-wise work (GRU gates, LayerNorm, sampling) into few kernels.
-    Each distinct batch shape compiles once."""
+    """Speed device (--compile, default on CUDA): torch.compile the functions called once per time step, the RSSM's
+    filtering and imagination steps and the actor's sampling. On a GPU an update is launch-bound (about 10,000
+    small kernels for 65 sequential steps); compiling fuses each step's element-wise work (GRU gates, LayerNorm,
+    sampling) into few kernels. Each distinct batch shape compiles once."""
     rssm.obs_step = torch.compile(rssm.obs_step, dynamic=False)
     rssm.img_step = torch.compile(rssm.img_step, dynamic=False)
     actor.sample = torch.compile(actor.sample, dynamic=False)
@@ -923,16 +718,25 @@ def autocast(cfg):
     return torch.autocast(device_type=cfg.device, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
 
 
-def target_update(target, batch, cfg, sources=()):
-    """Alg. 1 lines 7-13 (offline domain). Without sources this is a plain DreamerV2 update.
+def check_batch(batch, action_size):
+    """The seam between data and model: every sequence batch is (B, T, ...)."""
+    B, T = batch["is_first"].shape
+    shapes = {k: tuple(v.shape[:2]) for k, v in batch.items()}
+    assert all(s == (B, T) for s in shapes.values()) and batch["action"].shape[-1] == action_size, shapes
+    return B, T
 
-    Line 8: the target world model with Eq. (3) (Stage A, source chosen by Eq. 12);
-    lines 10-12: imagination, critic with Eq. (6) (Stage C), actor with Eq. (7).
+
+def target_update(target, batch, cfg, sources=()):
+    """Alg. 1 lines 9-13 (offline domain). Without sources this is a plain DreamerV2 update.
+
+    Line 9: the target world model with Eq. (3) (Stage A, source chosen by Eq. 12);
+    lines 11-13: imagination, critic with Eq. (6) (Stage C), actor with Eq. (7).
     """
+    B, T = check_batch(batch, target.action_size)
     with autocast(cfg):
         if sources:  # the source encoders see the same target observations, before the target's graph exists
             with torch.no_grad():
-                e_sources = torch.stack([s.wm.encoder(batch["image"]) for s in sources])
+                e_sources = torch.stack([s.wm.encoder(batch["image"]) for s in sources])  # (I, B, T, E)
         wm_loss, metrics, (h, z), embed = world_model_loss(target.wm, batch, cfg)
         omega, critics = None, None
         if sources:
@@ -944,6 +748,7 @@ def target_update(target, batch, cfg, sources=()):
             if cfg.value_constraint != "none":
                 critics = [s.critic for s in sources]
     target.backward("model", wm_loss)
+    assert h.shape[:2] == z.shape[:2] == (B, T), (h.shape, z.shape)
     metrics.update(learn_behaviour(target, h, z, batch["is_terminal"], cfg, critics, omega))
     norms, ok = target.step()
     metrics.update(norms, model_loss=wm_loss.detach())
@@ -953,25 +758,27 @@ def target_update(target, batch, cfg, sources=()):
 
 
 def source_update(source, batch, cfg, target_batch=None, eta=1.0):
-    """Alg. 1 lines 16-23 (online domain): the source world model with Eq. (2) + Eq. (5), then behaviour.
+    """Alg. 1 lines 20-24 (online domain): the source world model with Eq. (2) + Eq. (5), then behaviour.
 
     Line 20, Eq. (4): the source model filters the target sequence (target images, target actions in the
     shared action space) to latents (h~, z~) and relabels r~ = (1-k) sg(r_phi'(h~, z~)) + k r^(T). The
     filtering is gradient-free: Eq. (5) trains the source reward predictor on those latents.
     """
+    B, T = check_batch(batch, source.action_size)
     with autocast(cfg):
         reward_term, relabelled = None, {}
         if target_batch is not None:
             with torch.no_grad():
-                feat_T = source.wm.observe(target_batch)[0]
-            r_pred = source.wm.reward(feat_T).squeeze(-1)
+                feat_T = source.wm.observe(target_batch)[0]  # (B, T, F): the source's latents of the target data
+            r_pred = source.wm.reward(feat_T).squeeze(-1)  # (B, T)
             r_tilde = relabel_reward(r_pred, target_batch["reward"], cfg.k)  # line 20, Eq. (4)
             relabelled_nll = gaussian_nll(r_pred, r_tilde.float()).mean()
-            reward_term = lambda source_nll: reward_alignment_loss(source_nll, relabelled_nll, eta)  # Eq. (5)
+            reward_term = lambda source_nll: reward_alignment_loss(source_nll, relabelled_nll, eta)  # noqa: E731, Eq. (5)
             relabelled = {"relabelled_nll": relabelled_nll.detach(), "relabelled_reward": r_tilde.mean().detach()}
         wm_loss, metrics, (h, z), _ = world_model_loss(source.wm, batch, cfg, reward_term)  # line 21
         metrics.update(relabelled)
     source.backward("model", wm_loss)
+    assert h.shape[:2] == z.shape[:2] == (B, T), (h.shape, z.shape)
     metrics.update(learn_behaviour(source, h, z, batch["is_terminal"], cfg))
     norms, ok = source.step()
     metrics.update(norms, model_loss=wm_loss.detach())
@@ -981,18 +788,79 @@ def source_update(source, batch, cfg, target_batch=None, eta=1.0):
 
 
 def learn_behaviour(agent, h, z, is_terminal, cfg, source_critics=None, omega=None):
-    """Behaviour losses from the posterior states, each backpropagated at once into its own network.
+    """Behaviour losses from the posterior states, each backpropagated at once into its own network."""
+    if cfg.chunks > 1:  # memory device: the start states in parts whose gradients add up
+        return learn_behaviour_in_chunks(agent, h, z, is_terminal, cfg, source_critics, omega)
+    with autocast(cfg):
+        losses, metrics = behaviour_losses(agent, h, z, is_terminal, cfg, source_critics, omega)
+    for name, loss in losses.items():
+        agent.backward(name, loss)
+    return {**metrics, **{f"{name}_loss": loss.detach() for name, loss in losses.items()}}
 
-    The B*T start states go through imagination in cfg.chunks parts whose gradients add up, each
-    part's losses (means) weighted by its share of the states: the same gradient as one pass, with that
-    fraction of the imagination's activation memory.
+
+# -- Memory devices (--chunks > 1): the same gradients as the plain expressions beside their calls, with a
+# fraction of the activation memory. Tested against the plain path.
+
+def recompute_in_chunks(module, x, chunks):
+    """module(x) whose activations are not kept but recomputed in the backward pass, `chunks` frames at a time.
+
+    For the encoder's first two convolutions: their outputs are the largest activations of an update (650 MB
+    of 2,500 frames at the paper's size) and their gradients as large again, while recomputing them costs
+    under 3% of the update's FLOPs.
     """
+    return torch.cat([checkpoint(module, part, use_reentrant=False) for part in x.tensor_split(chunks)])
+
+
+class DecodedImageNLL(torch.autograd.Function):
+    """image_nll(decoder(feat), image) whose gradient is computed in the forward pass, one chunk of frames at
+    a time, and handed out in the backward pass.
+
+    Exact and without recomputation: the decoder's activations (1.4 GB for 2,500 frames at the paper's size)
+    are alive for one chunk only, instead of from the forward pass until the loss's backward. The parameters
+    are inputs so their gradients flow through the usual .backward().
+    """
+
+    @staticmethod
+    def forward(ctx, feat, image, decoder, chunks, *params):  # feat (N, F), image (N, 64, 64, 3)
+        feat_grads, param_grads = [], [torch.zeros_like(p) for p in params]
+        total = feat.new_zeros((), dtype=torch.float32)
+        with torch.enable_grad():
+            for f, o in zip(feat.tensor_split(chunks), image.tensor_split(chunks)):
+                f = f.detach().requires_grad_()
+                # The decoder sees a view of f: module hooks (bench's FLOP counter) cannot watch a leaf in autograd.grad.
+                nll = image_nll(decoder(f.view_as(f)), o) * (len(f) / len(feat))  # shares add up to the mean
+                grads = torch.autograd.grad(nll, [f, *params])
+                feat_grads.append(grads[0])
+                for acc, g in zip(param_grads, grads[1:]):
+                    acc += g
+                total = total + nll.detach()
+        ctx.save_for_backward(torch.cat(feat_grads), *param_grads)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad):
+        feat_grad, *param_grads = ctx.saved_tensors
+        return grad * feat_grad, None, None, None, *(grad * g for g in param_grads)
+
+
+def decoded_image_nll(decoder, feat, image, chunks):
+    """-ln p(o | h, z) of Eq. (2) for features (..., F) and images (..., 64, 64, 3), in `chunks` parts."""
+    if not torch.is_grad_enabled():
+        return image_nll(decoder(feat), image)
+    return DecodedImageNLL.apply(feat.flatten(0, -2), image.flatten(0, -4), decoder, chunks, *decoder.parameters())
+
+
+def learn_behaviour_in_chunks(agent, h, z, is_terminal, cfg, source_critics, omega):
+    """learn_behaviour over the B*T start states in cfg.chunks parts whose gradients add up: each part's losses
+    (means) weighted by its share of the states, the same gradient as one pass with that fraction of the
+    imagination's activation memory."""
     h, z, is_terminal = h.flatten(0, -2), z.flatten(0, -2), is_terminal.flatten()  # (N, D), (N, S*C), (N,)
     metrics = {}
     for i, part in enumerate(torch.arange(len(h), device=h.device).tensor_split(cfg.chunks)):
         share = len(part) / len(h)
         with autocast(cfg):
-            losses, part_metrics = behaviour_losses(agent, h[part], z[part], is_terminal[part], cfg, source_critics, omega)
+            losses, part_metrics = behaviour_losses(agent, h[part], z[part], is_terminal[part], cfg, source_critics,
+                                                    omega)
         part_metrics.update({f"{name}_loss": loss.detach() for name, loss in losses.items()})
         for name, loss in losses.items():
             agent.backward(name, loss * share, accumulate=i > 0)
@@ -1001,6 +869,8 @@ def learn_behaviour(agent, h, z, is_terminal, cfg, source_critics=None, omega=No
     return metrics
 
 
+# -- Acting and evaluation
+
 def pad_action(action, size):
     """The shared action space (the larger size of both domains, App. D): pad with zeros at the end."""
     extra = size - action.shape[-1]
@@ -1008,30 +878,29 @@ def pad_action(action, size):
         [action, np.zeros((*action.shape[:-1], extra), action.dtype)], -1)
 
 
-def host_tensors(batch, action_size):
-    """A replay batch (numpy, (B, T, ...)) as CPU tensors; images stay uint8 until the encoder."""
+def to_torch(batch, action_size, device):
+    """A replay batch (numpy, (B, T, ...)) on the device; images stay uint8 until the encoder."""
     out = {key: torch.from_numpy(batch[key]) for key in ("image", "reward", "is_first", "is_terminal")}
     out["action"] = torch.from_numpy(pad_action(batch["action"], action_size)).float()
     out["reward"] = out["reward"].float()
-    return out
-
-
-def to_torch(batch, action_size, device):
-    """A replay batch on the device."""
-    return {key: value.to(device) for key, value in host_tensors(batch, action_size).items()}
+    return {key: value.to(device) for key, value in out.items()}
 
 
 class Collector:
-    """Steps one environment with a policy and writes each finished episode to a replay folder
-    (Alg. 1 line 3 and line 24). A killed run drops the episode in progress; saved ones are kept.
+    """Steps one environment with a policy and writes each finished episode to a replay folder (Alg. 1 lines 3
+    and 25). The environment is made at the first step, so a finished stage that a resumed run skips makes none.
     episode_seed() seeds each episode's start, so a resumed run meets the episodes an uninterrupted one would."""
 
-    def __init__(self, env, replay, action_size, episode_seed):
-        self.env, self.replay, self.action_size, self.episode_seed = env, replay, action_size, episode_seed
-        self.obs = None
+    def __init__(self, make_env, replay, action_size, episode_seed):
+        self.make_env, self.replay, self.action_size, self.episode_seed = make_env, replay, action_size, episode_seed
+        self.env, self.obs = None, None
+
+    def between_episodes(self):
+        return self.obs is None
 
     def step(self, agent, explore=True, random_policy=False, rng=None):
         if self.obs is None:
+            self.env = self.env or self.make_env()
             self.obs, self.policy_state = self.env.reset(seed=self.episode_seed()), None
             self.episode = [(self.obs, np.zeros(self.env.action_size, np.float32))]
         if random_policy:
@@ -1048,6 +917,10 @@ class Collector:
         self.obs = None
         return {"return": float(episode["reward"].sum()), "length": len(episode["reward"]) - 1,
                 **({"success": float(episode["success"].any())} if "success" in episode else {})}
+
+    def close(self):
+        if self.env is not None:
+            self.env.close()
 
 
 def discounted_return(rewards, gamma):
@@ -1098,19 +971,365 @@ def evaluate(agent, env_name, cfg, episodes, video_path=None, random_policy=Fals
     return result
 
 
-def write_video(path, frames):
-    import imageio
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        imageio.mimsave(path, frames, fps=20, macro_block_size=1)
-    except Exception:  # no ffmpeg backend: fall back to a gif
-        imageio.mimsave(path.with_suffix(".gif"), frames, duration=50)
+# =============================================================================================
+# 8. Algorithm 1
+# =============================================================================================
+
+def update_due(run, i, step):
+    """DreamerV2's schedule online: one update every train_every environment steps, once the random prefill is
+    collected and source i's replay holds a sequence."""
+    cfg = run.cfg
+    return (run.progress["env_steps"][i] >= prefill_steps(cfg, run.source_names[i])
+            and (step + 1) % cfg.train_every == 0 and run.source_replays[i].num_steps >= cfg.seq_len)
+
+
+def collect(run, i, collector):
+    """Source i acts one environment step (uniformly random during the prefill, DreamerV2) and stores it."""
+    random_policy = run.progress["env_steps"][i] < prefill_steps(run.cfg, run.source_names[i])
+    episode = collector.step(run.sources[i], explore=True, random_policy=random_policy, rng=run.rng)
+    run.progress["env_steps"][i] += 1
+    if episode is not None:
+        run.end_of_episode(i, episode)
+
+
+def dreamerv2_online(run, i, steps):
+    """Alg. 1 line 3 (and the `online` command): source agent i learns online on its own, as DreamerV2 does."""
+    source, B_S = run.sources[i], run.source_replays[i]
+    with run.collector(i) as collector:
+        for step in run.steps(steps, f"pretrain source {run.source_names[i]}", safe=collector.between_episodes,
+                              until=lambda: run.reached_stop_return(i)):
+            if update_due(run, i, step):
+                run.record(source, f"source{i}", *source_update(source, run.sample(B_S), run.cfg))
+            collect(run, i, collector)
+
+
+def algorithm1(run):
+    """Algorithm 1, the training scheme of CoWorld; the baselines are its switches (App. D). Returns results.json.
+
+    run.steps(n) is range(n) across restarts: a resumed run passes over the steps its checkpoint holds, and
+    after each step it checks for a stop request and saves a checkpoint when one is due."""
+    cfg, target, sources, B_S = run.cfg, run.target, run.sources, run.source_replays
+    B_T = run.target_replay  # 1: Require: offline dataset B^(T)
+    # 2: Initialize: source models {phi', psi', xi'} and target model {phi, psi, xi} (Run; or its checkpoint)
+    for i in range(len(sources)):
+        dreamerv2_online(run, i, cfg.pretrain_steps)  # 3: Pretrain the source agent and collect a replay buffer B^(S)
+    if cfg.method == "dv2-finetune":  # App. D: the target agent starts as the pretrained source agent
+        for _ in run.steps(1, "finetune: copy the source agent"):
+            target.load_state_dict(sources[0].state_dict())
+    co_training = sources if cfg.method == "coworld" else ()
+    for r in range(cfg.rounds):  # 4: while not converged do
+        # 5: // In the offline domain:
+        for _ in run.steps(cfg.K1, f"round {r + 1}/{cfg.rounds}: offline target"):  # 6: for each step in {1:K1} do
+            batch = run.sample(B_T)  # 7: Sample {(o_t, a_t, r_t)} ~ B^(T)
+            # 8: // Offline-to-online state alignment
+            # 9: Train the target world model M_phi using Eq. (3)        (with several sources: Eq. (12))
+            # 10: // Behaviour learning with constraint
+            # 11: Generate {(z_i, a_i)} using pi_psi and M_phi           (imagine)
+            # 12: Train the critic v_xi using Eq. (6); 13: Train the actor pi_psi using Eq. (7)
+            run.record(target, "target", *target_update(target, batch, cfg, co_training))
+        # 14: end for
+        if not co_training or r == cfg.rounds - 1:  # after the last round, source updates reach the target no more
+            continue
+        # 15: // In the online domain:
+        for i, source in enumerate(sources):
+            with run.collector(i) as collector:
+                for step in run.steps(cfg.K2, f"round {r + 1}/{cfg.rounds}: online source {run.source_names[i]}",
+                                      safe=collector.between_episodes):  # 16: for each step in {1:K2} do
+                    if update_due(run, i, step):
+                        batch = run.sample(B_S[i])  # 17: Sample {(o_t, a_t, r_t)} ~ B^(S)
+                        # 18: // Online-to-offline reward alignment
+                        batch_T = run.sample(B_T) if cfg.reward_alignment else None  # 19: Sample ~ B^(T)
+                        eta = eta_schedule(r * cfg.K2 + step + 1, (cfg.rounds - 1) * cfg.K2, cfg.eta_start, cfg.eta_end)
+                        # 20: Relabel the source rewards using Eq. (4); 21: Train M_phi' using Eq. (2) with Eq. (5)
+                        # 22: // Source domain behaviour learning; 23: Generate {(z_i, a_i)} using pi_psi', M_phi'
+                        # 24: Train pi_psi' and v_xi' over the imagined {(z_i, a_i)}
+                        run.record(source, f"source{i}", *source_update(source, batch, cfg, batch_T, eta))
+                    collect(run, i, collector)  # 25: Use pi_psi' to collect new source data and append B^(S)
+        # 26: end for
+    # 27: end while
+    return run.final_evaluation(target, cfg.target)
 
 
 # =============================================================================================
-# 8. The training loop: Algorithm 1
 # =============================================================================================
+# The harness. Nothing below this line changes what is computed: it keeps a run's state, checkpoints and
+# resumes it, handles signals, logs, builds and loads datasets, and reads the command line.
+# =============================================================================================
+# =============================================================================================
+
+COMMANDS = ("train", "online", "evaluate")
+CHECKPOINT_VERSION = 3  # raised when a checkpoint's meaning changes (3: Algorithm 1's steps counted as one sequence)
+
+
+class ConfigError(ValueError):
+    """A bad flag or value; main() prints it as one line and exits with code 2."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) or SIGTERM stopped a run; main() exits with 128 + the signal's number, as a shell does."""
+
+    def __init__(self, signum):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class Run:
+    """Everything a command trains, with the counters a checkpoint restores.
+
+    Algorithm 1's loops count their work with steps(): the checkpoint records how many of the run's steps are
+    done (progress["steps"], one count over all loops in program order), so the same command started again runs
+    the same loops and passes over what is done. Checkpoints are written at safe points only: after an offline
+    update, at the end of an online episode, at the end of a loop.
+    """
+
+    def __init__(self, cfg, command="train"):
+        self.cfg, self.command = cfg, command
+        self.target_replay = load_target_data(cfg) if command == "train" else None  # Alg. 1 line 1
+        self.logdir = Path(cfg.logdir)
+        self.logdir.mkdir(parents=True, exist_ok=True)
+        if command != "evaluate":  # evaluate only reads: the run may still be writing
+            for stale in self.logdir.rglob(".*.tmp*"):  # half-written files of a killed run: never read, removed
+                stale.unlink()
+        self.device = torch.device(cfg.device)
+        torch.manual_seed(cfg.seed), np.random.seed(cfg.seed), random.seed(cfg.seed)
+        self.rng = np.random.default_rng(cfg.seed)
+        self.source_names = list(cfg.source)
+        uses = () if cfg.method == "offline-dv2" and command != "online" else self.source_names
+        targets = () if command == "online" else (cfg.target,)
+        self.action_size = max(envs.action_size(n) for n in (*uses, *targets))
+        ensemble = cfg.ensemble if cfg.method == "offline-dv2" else 1
+        self.sources = [Agent(cfg, self.action_size, env_actions=envs.action_size(name)).to(self.device)
+                        .build_optimisers() for name in uses]
+        self.target = (Agent(cfg, self.action_size, ensemble, envs.action_size(cfg.target)).to(self.device)
+                       .build_optimisers() if command != "online" else None)
+        self.progress = {"steps": 0, "env_steps": [0] * len(self.sources), "episodes": [[] for _ in self.sources],
+                         "selected": [0] * len(self.sources), "log_lines": 0}
+        self.cursor = 0  # the steps that this process's loops have counted so far, done or passed over
+        self.checkpoint_path = self.logdir / "checkpoint.pt"
+        self.stop_requested = None  # "safe" after one Ctrl-C, "now" after two
+        self.stop_signal = signal.SIGINT
+        self.selected = torch.zeros(len(self.sources), device=self.device)  # App. C choices (Table 6)
+        self.last_metrics, self.bar = {}, None
+        self.load()
+        self.saved = (self.progress["steps"], self.updates())  # what the last checkpoint holds
+        if command != "evaluate":
+            self.logger = Logger(self.logdir, self.progress["log_lines"])
+            self.source_replays = [self.open_replay(i) for i in range(len(self.sources))]
+
+    def open_replay(self, i):
+        """The source replay folder, holding exactly the episodes the checkpoint counted: ones saved after
+        it (the process died before the next checkpoint) move to orphaned/ and are collected anew."""
+        name = self.source_names[i]
+        directory = self.logdir / "replay" / name.replace(":", "-")
+        if directory.is_dir():
+            for path in envs.episode_paths(directory)[len(self.progress["episodes"][i]):]:
+                (directory / "orphaned").mkdir(exist_ok=True)
+                os.replace(path, directory / "orphaned" / path.name)
+        # The folder is a dataset too (medium-replay, for --target-data): it records how it was made.
+        envs.write_dataset_info(directory, {"env": name, "render": self.cfg.render, "policy": "online",
+                                            "seed": self.cfg.seed, "action_size": envs.action_size(name)})
+        return envs.Replay(directory, self.cfg.replay_capacity, spill_dir(self.cfg))
+
+    def updates(self):
+        return sum(agent.updates for agent in (*self.sources, *([self.target] if self.target else [])))
+
+    # -- Algorithm 1's bookkeeping ----------------------------------------------------------------
+    def steps(self, n, desc, safe=lambda: True, until=lambda: False):
+        """range(n) for one of Algorithm 1's loops, across restarts: the steps done before the last checkpoint are
+        passed over. After each step, where safe() (offline: always; online: between episodes), a stop request
+        stops the run and a checkpoint is written when checkpoint_every updates have passed since the last one;
+        until() ends the loop early. The end of a loop is a safe point too."""
+        first, self.cursor = self.cursor, self.cursor + n
+        start = min(max(self.progress["steps"] - first, 0), n)
+        if start == n:
+            return
+        self.bar = progress_bar(n, start, desc)
+        try:
+            for step in range(start, n):
+                yield step
+                self.progress["steps"] = first + step + 1
+                self.bar.update(1)
+                if until():
+                    self.progress["steps"] = first + n
+                    break
+                if safe():
+                    self.check_stop()
+                    if self.updates() - self.saved[1] >= self.cfg.checkpoint_every:
+                        self.save()
+        finally:
+            self.bar.close()
+        if self.saved[0] != self.progress["steps"]:
+            self.save()
+
+    def sample(self, replay):
+        batch = replay.sample(self.cfg.batch_size, self.cfg.seq_len, self.rng)
+        return to_torch(batch, self.action_size, self.device)
+
+    @contextlib.contextmanager
+    def collector(self, i):
+        """Source i's environment loop for one stage; an episode still running at the stage's end is dropped."""
+        cfg, name = self.cfg, self.source_names[i]
+        # Distinct streams for every (run seed, source, episode index): no two episodes share a start.
+        episode_seed = lambda: int(np.random.SeedSequence(  # noqa: E731
+            [cfg.seed, i, len(self.progress["episodes"][i])]).generate_state(1)[0])
+        collector = Collector(lambda: envs.make_env(name, render=cfg.render, max_steps=cfg.max_episode_steps),
+                              self.source_replays[i], self.action_size, episode_seed)
+        try:
+            yield collector
+        finally:
+            collector.close()
+
+    def record(self, agent, prefix, metrics, ok):
+        """After an update: a non-finite one is skipped (and stops the run after max_bad_updates in a row);
+        multi-source choices are counted; metrics are logged every log_every updates."""
+        if not ok:
+            print(f"\nskipped update {agent.updates} of {prefix}: non-finite {' and '.join(agent.faults)} loss or "
+                  f"gradient ({agent.bad_updates} in a row)", file=sys.stderr)
+            if agent.bad_updates >= self.cfg.max_bad_updates:
+                raise FloatingPointError(f"{agent.bad_updates} non-finite updates in a row; the last good "
+                                         f"checkpoint is {self.checkpoint_path}")
+            return
+        if "omega" in metrics:
+            self.selected += metrics.pop("omega")  # stays on the device: no sync per update
+            metrics["source_selected"] = self.selected
+        if agent.updates % self.cfg.log_every == 0:
+            self.last_metrics = self.logger.write(agent.updates, prefix, metrics)
+            self.last_metrics = {k.split("/", 1)[1]: v for k, v in self.last_metrics.items()}
+            self.bar.set_postfix(summary(self.last_metrics))
+
+    def end_of_episode(self, i, episode):
+        self.progress["episodes"][i].append(episode["return"])
+        self.logger.write(self.progress["env_steps"][i], f"source{i}/episode", episode)
+        self.bar.set_postfix(ret=f"{episode['return']:.1f}", **summary(self.last_metrics))
+
+    def reached_stop_return(self, i):
+        """The medium-replay recipe: only the online command stops early; Algorithm 1's stages run in full."""
+        recent = self.progress["episodes"][i][-5:]
+        return (self.command == "online" and self.cfg.stop_return is not None and len(recent) == 5
+                and np.mean(recent) >= self.cfg.stop_return)
+
+    def final_evaluation(self, agent, env_name):
+        """Evaluate the trained agent in its real environment once; write results.json and a video. A finished run
+        started again returns its results.json."""
+        cfg, path = self.cfg, self.logdir / "results.json"
+        evaluated = False
+        for _ in self.steps(1, "evaluate"):
+            stop = functools.partial(self.check_stop, now=True)
+            result = {"env": env_name, "method": cfg.method if self.command != "online" else "dreamerv2-online",
+                      "preset": cfg.preset, "render": cfg.render, "device": cfg.device, "seed": cfg.seed,
+                      "eval": evaluate(agent, env_name, cfg, cfg.eval_episodes, self.logdir / "videos" / "eval.mp4",
+                                       stop=stop)}
+            if cfg.eval_random:
+                result["random_policy"] = evaluate(agent, env_name, cfg, cfg.eval_episodes, random_policy=True,
+                                                   stop=stop)
+            if len(self.sources) > 1 and self.command != "online":
+                result["source_selected"] = dict(zip(self.source_names, self.selected.tolist()))
+            result["env_steps"] = dict(zip(self.source_names, self.progress["env_steps"]))
+            envs.atomic_write(path, lambda f: f.write(json.dumps(result, indent=2).encode()))
+            self.logger.write(agent.updates, "eval", {k: v for k, v in result["eval"].items() if isinstance(v, float)})
+            evaluated = True
+        if not evaluated:
+            print(f"{self.logdir} has finished already; its results:")
+        return json.loads(path.read_text())
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def save(self):
+        """Atomic checkpoint, written at safe points only (see steps). A killed run resumes from the last one and
+        collects anew the episode that was in progress."""
+        progress = copy.deepcopy(self.progress)
+        progress["selected"] = self.selected.tolist()
+        progress["log_lines"] = self.logger.lines
+        state = {"version": CHECKPOINT_VERSION, "config": dataclasses.asdict(self.cfg), "progress": progress,
+                 "sources": [s.state() for s in self.sources],
+                 "target": self.target.state() if self.target else None,
+                 "rng": {"numpy": self.rng.bit_generator.state, "torch": torch.get_rng_state(),
+                         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                         "python": random.getstate()}}
+        envs.atomic_write(self.checkpoint_path, lambda f: torch.save(state, f))  # a kill keeps the previous one
+        self.saved = (self.progress["steps"], self.updates())
+
+    def load(self):
+        if not self.checkpoint_path.exists():
+            (self.logdir / "config.json").write_text(json.dumps(dataclasses.asdict(self.cfg), indent=2))
+            return
+        state = torch.load(self.checkpoint_path, map_location=self.device, weights_only=False)
+        if state.get("version") != CHECKPOINT_VERSION:
+            raise ConfigError(f"{self.checkpoint_path} was written by another version of coworld.py (checkpoint "
+                              f"format {state.get('version', 1)}, this one reads {CHECKPOINT_VERSION}); use a new --logdir")
+        check_same_config(state["config"], self.cfg, self.checkpoint_path)
+        for agent, agent_state in zip(self.sources, state["sources"]):
+            agent.load(agent_state)
+        if self.target:
+            self.target.load(state["target"])
+        self.progress = state["progress"]
+        self.selected = torch.tensor(self.progress["selected"], device=self.device)
+        self.rng.bit_generator.state = state["rng"]["numpy"]
+        torch.set_rng_state(state["rng"]["torch"].cpu())  # map_location moved it to the device
+        if state["rng"].get("cuda") and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all([s.cpu() for s in state["rng"]["cuda"]])
+        random.setstate(state["rng"]["python"])
+        if self.command != "evaluate":
+            print(f"Resuming from {self.checkpoint_path}: {self.progress['steps']} steps done")
+
+    # -- signals -------------------------------------------------------------------------------
+    def request_stop(self, signum, frame):
+        """The first Ctrl-C (or SIGTERM) stops at the next safe point (see steps) and writes a checkpoint there; a
+        second one stops at once, and the last checkpoint stands."""
+        self.stop_signal = signum
+        if self.stop_requested:
+            self.stop_requested = "now"
+            raise Interrupted(signum)
+        self.stop_requested = "safe"
+        # os.write, not print: the handler may interrupt a write to stderr (the progress bar's)
+        os.write(2, b"\nstopping at the next safe point (online: the end of this episode; evaluation: now); "
+                    b"Ctrl-C again stops now, keeping the last checkpoint\n")
+
+    def check_stop(self, now=False):
+        """Stop here if asked to. now: a point that saves nothing (the final evaluation), where the checkpoint
+        written just before it is where a resume starts."""
+        if self.stop_requested:
+            if now:
+                self.stop_requested = "now"
+            raise Interrupted(self.stop_signal)
+
+    @contextlib.contextmanager
+    def stopping_on_signals(self):
+        """Ctrl-C (SIGINT), or SIGTERM (a cluster's preemption notice), stops at the next safe point and writes a
+        checkpoint there."""
+        in_main_thread = threading.current_thread() is threading.main_thread()
+        stop_signals = (signal.SIGINT, signal.SIGTERM) if in_main_thread else ()
+        previous = {signum: signal.signal(signum, self.request_stop) for signum in stop_signals}
+        try:
+            yield
+        except KeyboardInterrupt:
+            if self.stop_requested == "safe":
+                self.save()
+                print(f"\ninterrupted: checkpoint written to {self.checkpoint_path}; run the same command to resume",
+                      file=sys.stderr)
+            elif self.stop_requested == "now":
+                print(f"\nstopped: the last checkpoint in {self.checkpoint_path} stands; run the same command to "
+                      f"resume from it", file=sys.stderr)
+            raise
+        finally:
+            self.logger.close()
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+
+def check_same_config(saved, cfg, path):
+    """A checkpoint only resumes the run it came from: name the fields that differ."""
+    current = dataclasses.asdict(cfg)
+    # What may change between a run and its resume or evaluation: where and how it runs, logs and evaluates.
+    ignore = {"device", "debug", "log_every", "checkpoint_every", "max_bad_updates", "logdir", "data_dir",
+              "eval_episodes", "eval_random"}
+    diff = [f"{k} ({saved.get(k)!r} -> {current[k]!r})" for k in current
+            if k not in ignore and json.dumps(saved.get(k)) != json.dumps(current[k])]
+    if diff:
+        raise ConfigError(f"{path} was written by a different config: {', '.join(diff)}; "
+                          f"use another --logdir or the original flags")
+
+
+# -- logging -----------------------------------------------------------------------------------
 
 class Logger:
     """Metrics to metrics.jsonl (one JSON object per line, easy to plot) and to TensorBoard.
@@ -1169,363 +1388,17 @@ def summary(metrics, keys=("model_loss", "actor_loss", "critic_loss", "domain_kl
     return {k: f"{float(metrics[k]):.3g}" for k in keys if k in metrics}
 
 
-class Run:
-    """Everything a command trains, with the counters a checkpoint restores.
-
-    The run is a fixed plan of phases (Alg. 1: pretrain each source, then rounds of an offline target
-    phase and online source phases, then evaluation); the checkpoint records the phase and the step
-    within it, so the same command started again continues where the last checkpoint was written.
-    """
-
-    def __init__(self, cfg, command="train"):
-        self.cfg, self.command = cfg, command
-        self.target_replay = load_target_data(cfg) if command == "train" else None  # Alg. 1 line 1
-        self.logdir = Path(cfg.logdir)
-        self.logdir.mkdir(parents=True, exist_ok=True)
-        if command != "evaluate":  # evaluate only reads: the run may still be writing
-            for stale in self.logdir.rglob(".*.tmp*"):  # half-written files of a killed run: never read, removed
-                stale.unlink()
-        self.device = torch.device(cfg.device)
-        torch.manual_seed(cfg.seed), np.random.seed(cfg.seed), random.seed(cfg.seed)
-        self.rng = np.random.default_rng(cfg.seed)
-        self.source_names = list(cfg.source)
-        self.action_size = max(envs.action_size(n) for n in (*self.uses_sources(), *self.target_names()))
-        ensemble = cfg.ensemble if cfg.method == "offline-dv2" else 1
-        self.sources = [Agent(cfg, self.action_size, env_actions=envs.action_size(name)).to(self.device)
-                        .build_optimisers() for name in self.uses_sources()]
-        self.target = (Agent(cfg, self.action_size, ensemble, envs.action_size(cfg.target)).to(self.device)
-                       .build_optimisers() if command != "online" else None)
-        self.progress = {"phase": 0, "step": 0, "env_steps": [0] * len(self.sources),
-                         "online_steps": [0] * len(self.sources), "episodes": [[] for _ in self.sources],
-                         "selected": [0] * len(self.sources), "log_lines": 0}
-        self.checkpoint_path = self.logdir / "checkpoint.pt"
-        self.stop_requested = None  # "safe" after one Ctrl-C, "now" after two
-        self.stop_signal = signal.SIGINT
-        self.selected = torch.zeros(len(self.sources), device=self.device)  # App. C choices (Table 6)
-        self.last_metrics = {}  # for the progress bar
-        self.prefetch = None  # the offline phase's BatchPrefetch
-        self.saved_at = [0] * len(self.sources)  # each source's updates at its last episode-end save
-        self.load()
-        if command != "evaluate":
-            self.logger = Logger(self.logdir, self.progress["log_lines"])
-            self.source_replays = [self.open_replay(i) for i in range(len(self.sources))]
-
-    def open_replay(self, i):
-        """The source replay folder, holding exactly the episodes the checkpoint counted: ones saved after
-        it (the process died before the next checkpoint) move to orphaned/ and are collected anew."""
-        name = self.source_names[i]
-        directory = self.logdir / "replay" / name.replace(":", "-")
-        if directory.is_dir():
-            for path in envs.episode_paths(directory)[len(self.progress["episodes"][i]):]:
-                (directory / "orphaned").mkdir(exist_ok=True)
-                os.replace(path, directory / "orphaned" / path.name)
-        # The folder is a dataset too (medium-replay, for --target-data): it records how it was made.
-        envs.write_dataset_info(directory, {"env": name, "render": self.cfg.render, "policy": "online",
-                                            "seed": self.cfg.seed, "action_size": envs.action_size(name)})
-        return envs.Replay(directory, self.cfg.replay_capacity, spill_dir(self.cfg))
-
-    def target_names(self):
-        return () if self.command == "online" else (self.cfg.target,)
-
-    def uses_sources(self):
-        return () if self.cfg.method == "offline-dv2" and self.command != "online" else self.source_names
-
-    def plan(self):
-        """The phases of Algorithm 1 for this run's method."""
-        cfg, phases = self.cfg, [("pretrain", i) for i in range(len(self.sources))]  # line 3
-        if self.command == "online":
-            return phases + [("evaluate", 0)]
-        if cfg.method == "dv2-finetune":
-            phases.append(("finetune-init", 0))
-        for r in range(cfg.rounds):  # line 4
-            phases.append(("offline", r))  # lines 5-13
-            if cfg.method == "coworld" and r < cfg.rounds - 1:  # after the last round the target is done
-                phases += [("online", i) for i in range(len(self.sources))]  # lines 15-25
-        return phases + [("evaluate", 0)]
-
-    # -- checkpoints -----------------------------------------------------------------------
-    def save(self):
-        """Atomic checkpoint, written at safe points only: after an offline update, at the end of an online
-        episode, at the end of a phase. A killed run resumes from the last one and collects anew the episode
-        that was in progress."""
-        progress = copy.deepcopy(self.progress)
-        progress["selected"] = self.selected.tolist()
-        progress["log_lines"] = self.logger.lines
-        state = {"version": CHECKPOINT_VERSION, "config": dataclasses.asdict(self.cfg), "progress": progress,
-                 "sources": [s.state() for s in self.sources],
-                 "target": self.target.state() if self.target else None,
-                 "rng": {"numpy": self.prefetch.rng_state if self.prefetch else self.rng.bit_generator.state,
-                         "torch": torch.get_rng_state(),
-                         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-                         "python": random.getstate()}}
-        envs.atomic_write(self.checkpoint_path, lambda f: torch.save(state, f))  # a kill keeps the previous one
-
-    def load(self):
-        if not self.checkpoint_path.exists():
-            (self.logdir / "config.json").write_text(json.dumps(dataclasses.asdict(self.cfg), indent=2))
-            return
-        state = torch.load(self.checkpoint_path, map_location=self.device, weights_only=False)
-        if state.get("version") != CHECKPOINT_VERSION:
-            raise ConfigError(f"{self.checkpoint_path} was written by another version of coworld.py (checkpoint "
-                              f"format {state.get('version', 1)}, this one reads {CHECKPOINT_VERSION}); use a new --logdir")
-        check_same_config(state["config"], self.cfg, self.checkpoint_path)
-        for agent, agent_state in zip(self.sources, state["sources"]):
-            agent.load(agent_state)
-        if self.target:
-            self.target.load(state["target"])
-        self.progress = state["progress"]
-        self.selected = torch.tensor(self.progress["selected"], device=self.device)
-        self.rng.bit_generator.state = state["rng"]["numpy"]
-        torch.set_rng_state(state["rng"]["torch"].cpu())  # map_location moved it to the device
-        if state["rng"].get("cuda") and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all([s.cpu() for s in state["rng"]["cuda"]])
-        random.setstate(state["rng"]["python"])
-        if self.command != "evaluate":
-            print(f"Resuming from {self.checkpoint_path}: phase {self.progress['phase'] + 1}/{len(self.plan())}, "
-                  f"step {self.progress['step']}")
-
-    # -- phases ----------------------------------------------------------------------------
-    def request_stop(self, signum, frame):
-        """The first Ctrl-C (or SIGTERM) stops at the next safe point (see save) and writes a checkpoint there; a
-        second one stops at once, and the last checkpoint stands."""
-        self.stop_signal = signum
-        if self.stop_requested:
-            self.stop_requested = "now"
-            raise Interrupted(signum)
-        self.stop_requested = "safe"
-        # os.write, not print: the handler may interrupt a write to stderr (the progress bar's)
-        os.write(2, b"\nstopping at the next safe point (online: the end of this episode; evaluation: now); "
-                    b"Ctrl-C again stops now, keeping the last checkpoint\n")
-
-    def check_stop(self, now=False):
-        """Stop here if asked to. now: a point that saves nothing (the final evaluation), where the checkpoint
-        written just before it is where a resume starts."""
-        if self.stop_requested:
-            if now:
-                self.stop_requested = "now"
-            raise Interrupted(self.stop_signal)
-
-    def execute(self):
-        """Run the remaining phases. Ctrl-C (SIGINT), or SIGTERM (a cluster's preemption notice), stops at the next
-        safe point and writes a checkpoint."""
-        in_main_thread = threading.current_thread() is threading.main_thread()
-        stop_signals = (signal.SIGINT, signal.SIGTERM) if in_main_thread else ()
-        previous = {signum: signal.signal(signum, self.request_stop) for signum in stop_signals}
-        try:
-            return self.execute_phases()
-        except KeyboardInterrupt:
-            if self.stop_requested == "safe":
-                self.save()
-                print(f"\ninterrupted: checkpoint written to {self.checkpoint_path}; run the same command to resume",
-                      file=sys.stderr)
-            elif self.stop_requested == "now":
-                print(f"\nstopped: the last checkpoint in {self.checkpoint_path} stands; run the same command to "
-                      f"resume from it", file=sys.stderr)
-            raise
-        finally:
-            self.logger.close()
-            for signum, handler in previous.items():
-                signal.signal(signum, handler)
-
-    def execute_phases(self):
-        plan = self.plan()
-        if self.progress["phase"] >= len(plan) and (self.logdir / "results.json").exists():
-            print(f"{self.logdir} has finished already; its results:")
-            return json.loads((self.logdir / "results.json").read_text())
-        result = None
-        for index, (kind, arg) in enumerate(plan):
-            if index < self.progress["phase"]:
-                continue
-            label = f"[{index + 1}/{len(plan)}]"
-            if kind == "pretrain":
-                self.online_phase(arg, self.cfg.pretrain_steps, f"{label} pretrain source {self.source_names[arg]}",
-                                  co_training=False)
-            elif kind == "finetune-init":
-                self.target.load_state_dict(self.sources[0].state_dict())  # DV2 finetune: start from the source
-            elif kind == "offline":
-                self.offline_phase(f"{label} round {arg + 1}/{self.cfg.rounds} offline target")
-            elif kind == "online":
-                self.online_phase(arg, self.cfg.K2, f"{label} online source {self.source_names[arg]}", co_training=True)
-            elif kind == "evaluate":
-                result = self.final_evaluation()
-            self.progress.update(phase=index + 1, step=0)
-            self.save()
-        return result
-
-    def offline_phase(self, desc):
-        """Alg. 1 lines 5-13: K1 iterations of the target agent on the offline dataset B^(T)."""
-        cfg = self.cfg
-        bar = progress_bar(cfg.K1, self.progress["step"], desc)
-        self.prefetch = BatchPrefetch(self.target_replay, cfg, self.action_size, self.device, self.rng)
-        try:
-            while self.progress["step"] < cfg.K1:  # line 5
-                batch = self.prefetch.take(ahead=self.progress["step"] + 1 < cfg.K1)  # line 6 (the next one loads now)
-                sources = self.sources if self.cfg.method == "coworld" else ()
-                metrics, ok = target_update(self.target, batch, cfg, sources)  # lines 7-13
-                self.after_update(self.target, metrics, ok, "target", bar)
-                self.check_stop()
-        finally:
-            self.prefetch.close()  # an interrupted phase keeps it: its rng_state is what the checkpoint records
-            bar.close()
-        self.prefetch = None
-
-    def online_phase(self, i, steps, desc, co_training):
-        """Alg. 1 lines 15-25 (co_training) or line 3: the source agent i acts online and learns.
-
-        Each step collects one environment step (line 24); every `train_every` steps one update samples
-        B^(S) (line 16) and, when co-training, B^(T) (line 19) for reward alignment (lines 20-21).
-        """
-        cfg, agent, replay = self.cfg, self.sources[i], self.source_replays[i]
-        name = self.source_names[i]
-        env = envs.make_env(name, render=cfg.render, max_steps=cfg.max_episode_steps)
-        # Distinct streams for every (run seed, source, episode index): no two episodes share a start.
-        episode_seed = lambda: int(np.random.SeedSequence([cfg.seed, i, len(self.progress["episodes"][i])])
-                                   .generate_state(1)[0])
-        collector = Collector(env, replay, self.action_size, episode_seed)
-        prefill = prefill_steps(cfg, name)
-        bar = progress_bar(steps, self.progress["step"], desc)
-        try:
-            while self.progress["step"] < steps:
-                random_policy = self.progress["env_steps"][i] < prefill
-                # Algorithm 1's order: learn (every train_every steps, after the prefill), then collect (line 24)
-                if not random_policy and (self.progress["step"] + 1) % cfg.train_every == 0 and replay.num_steps >= cfg.seq_len:
-                    batch = self.sample(replay)  # line 16
-                    if co_training and cfg.reward_alignment:
-                        eta = eta_schedule(self.progress["online_steps"][i] + 1, (cfg.rounds - 1) * cfg.K2,
-                                           cfg.eta_start, cfg.eta_end)
-                        metrics, ok = source_update(agent, batch, cfg, self.sample(self.target_replay), eta)  # 19-23
-                    else:
-                        metrics, ok = source_update(agent, batch, cfg)
-                    self.after_update(agent, metrics, ok, f"source{i}", bar, checkpoint=False)
-                episode = collector.step(agent, explore=True, random_policy=random_policy, rng=self.rng)
-                self.progress["step"] += 1
-                self.progress["env_steps"][i] += 1
-                if co_training:
-                    self.progress["online_steps"][i] += 1
-                bar.update(1)
-                if episode is not None:  # checkpoints go here, after this step's update
-                    self.end_of_episode(i, episode, bar)
-                    if self.reached_stop_return(i):
-                        break
-                if collector.obs is None:  # between episodes: a checkpoint here is what a resume continues
-                    self.check_stop()
-        finally:
-            env.close()
-            bar.close()
-
-    def end_of_episode(self, i, episode, bar):
-        self.progress["episodes"][i].append(episode["return"])
-        self.logger.write(self.progress["env_steps"][i], f"source{i}/episode", episode)
-        bar.set_postfix(ret=f"{episode['return']:.1f}", **summary(self.last_metrics))
-        agent = self.sources[i]
-        if agent.updates - self.saved_at[i] >= self.cfg.checkpoint_every:
-            self.saved_at[i] = agent.updates
-            self.save()
-
-    def reached_stop_return(self, i):
-        """The medium-replay recipe: only the online command stops early; Algorithm 1's phases run in full."""
-        recent = self.progress["episodes"][i][-5:]
-        return (self.command == "online" and self.cfg.stop_return is not None and len(recent) == 5
-                and np.mean(recent) >= self.cfg.stop_return)
-
-    def after_update(self, agent, metrics, ok, prefix, bar, checkpoint=True):
-        if not ok:
-            print(f"\nskipped update {agent.updates} of {prefix}: non-finite {' and '.join(agent.faults)} loss or "
-                  f"gradient ({agent.bad_updates} in a row)", file=sys.stderr)
-            if agent.bad_updates >= self.cfg.max_bad_updates:
-                raise FloatingPointError(f"{agent.bad_updates} non-finite updates in a row; the last good "
-                                         f"checkpoint is {self.checkpoint_path}")
-            return
-        if "omega" in metrics:
-            self.selected += metrics.pop("omega")  # stays on the device: no sync per update
-            metrics["source_selected"] = self.selected
-        if prefix == "target":
-            self.progress["step"] += 1
-            bar.update(1)
-        if agent.updates % self.cfg.log_every == 0:
-            self.last_metrics = self.logger.write(agent.updates, prefix, metrics)
-            self.last_metrics = {k.split("/", 1)[1]: v for k, v in self.last_metrics.items()}
-            bar.set_postfix(summary(self.last_metrics))
-        if checkpoint and agent.updates % self.cfg.checkpoint_every == 0:
-            self.save()
-
-    def sample(self, replay):
-        batch = replay.sample(self.cfg.batch_size, self.cfg.seq_len, self.rng)
-        return to_torch(batch, self.action_size, self.device)
-
-    def final_evaluation(self):
-        """Evaluate the trained agent in its real environment; write results.json and a video."""
-        cfg = self.cfg
-        agent, env_name = (self.sources[0], self.source_names[0]) if self.command == "online" else (self.target, cfg.target)
-        result = {"env": env_name, "method": cfg.method if self.command != "online" else "dreamerv2-online",
-                  "preset": cfg.preset, "render": cfg.render, "device": cfg.device, "seed": cfg.seed,
-                  "eval": evaluate(agent, env_name, cfg, cfg.eval_episodes, self.logdir / "videos" / "eval.mp4",
-                                   stop=functools.partial(self.check_stop, now=True))}
-        if cfg.eval_random:
-            result["random_policy"] = evaluate(agent, env_name, cfg, cfg.eval_episodes, random_policy=True,
-                                               stop=functools.partial(self.check_stop, now=True))
-        if len(self.sources) > 1 and self.command != "online":
-            result["source_selected"] = dict(zip(self.source_names, self.selected.tolist()))
-        result["env_steps"] = dict(zip(self.source_names, self.progress["env_steps"]))
-        envs.atomic_write(self.logdir / "results.json", lambda f: f.write(json.dumps(result, indent=2).encode()))
-        self.logger.write(agent.updates, "eval", {k: v for k, v in result["eval"].items()
-                                                   if isinstance(v, float)})
-        return result
+def write_video(path, frames):
+    import imageio
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        imageio.mimsave(path, frames, fps=20, macro_block_size=1)
+    except Exception:  # no ffmpeg backend: fall back to a gif
+        imageio.mimsave(path.with_suffix(".gif"), frames, duration=50)
 
 
-class BatchPrefetch:
-    """Alg. 1 line 6 off the update's critical path: while one target update runs, a background thread reads the
-    next batch B^(T) from the replay (disk reads; on CUDA also the copy into pinned memory), and take() hands it
-    to the device without blocking the host.
-
-    The batches are the ones sampling one at a time gives: each batch's window starts are drawn here, on the
-    main thread, from the run's RNG in the same order. While a batch is pending the RNG is one draw ahead of the
-    batches used, so a checkpoint records `rng_state`, the state from before the pending batch: a resumed run
-    draws that batch again. Nothing is read ahead of the last batch (ahead=False), so after a phase the RNG is
-    where sampling one at a time leaves it."""
-
-    def __init__(self, replay, cfg, action_size, device, rng):
-        self.replay, self.cfg, self.action_size, self.device, self.rng = replay, cfg, action_size, device, rng
-        self.pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="batch-prefetch")
-        self.pending, self.state_before = None, None
-
-    def request(self):
-        self.state_before = self.rng.bit_generator.state
-        self.pending = self.pool.submit(self.read, self.replay.draw_starts(self.cfg.batch_size, self.rng))
-
-    def read(self, starts):  # runs in the background thread
-        tensors = host_tensors(self.replay.gather(starts, self.cfg.seq_len), self.action_size)
-        return {k: v.pin_memory() for k, v in tensors.items()} if self.device.type == "cuda" else tensors
-
-    def take(self, ahead):
-        """The next batch on the device; with ahead, the batch after it starts loading now."""
-        if self.pending is None:
-            self.request()
-        host, self.pending = self.pending.result(), None
-        if ahead:
-            self.request()
-        return {key: value.to(self.device, non_blocking=True) for key, value in host.items()}
-
-    @property
-    def rng_state(self):
-        return self.state_before if self.pending is not None else self.rng.bit_generator.state
-
-    def close(self):
-        self.pool.shutdown(wait=True)
-
-
-def check_same_config(saved, cfg, path):
-    """A checkpoint only resumes the run it came from: name the fields that differ."""
-    current = dataclasses.asdict(cfg)
-    # What may change between a run and its resume or evaluation: where and how it runs, logs and evaluates.
-    ignore = {"device", "debug", "log_every", "checkpoint_every", "max_bad_updates", "logdir", "data_dir",
-              "eval_episodes", "eval_random"}
-    diff = [f"{k} ({saved.get(k)!r} -> {current[k]!r})" for k in current
-            if k not in ignore and json.dumps(saved.get(k)) != json.dumps(current[k])]
-    if diff:
-        raise ConfigError(f"{path} was written by a different config: {', '.join(diff)}; "
-                          f"use another --logdir or the original flags")
-
+# -- datasets ----------------------------------------------------------------------------------
 
 def default_dataset_policy(cfg):
     if cfg.dataset_policy != "auto":
@@ -1585,9 +1458,147 @@ def spill_dir(cfg):
     return Path(cfg.logdir) if cfg.replay_images == "disk" else None
 
 
-# =============================================================================================
-# 9. Commands
-# =============================================================================================
+# -- the command line --------------------------------------------------------------------------
+
+def resolve(cfg: Config, command: str = "train") -> Config:
+    """Fill the per-suite (None) values of Table 7 (the target's suite; online: the environment's), the device
+    and the output folder."""
+    suite = SUITES.get(family(cfg.source[0] if command == "online" else cfg.target), SUITES["metaworld"])
+    values = {name: suite[name] for name in ("beta2", "k", "alpha", "K1", "pretrain_steps")
+              if getattr(cfg, name) is None}
+    if cfg.rounds is None:  # every method trains the target App. D's 300k / 600k iterations
+        values["rounds"] = max(1, math.ceil(suite["iterations"] / max(1, values.get("K1", cfg.K1))))
+    if cfg.device == "auto":
+        values["device"] = "cuda" if torch.cuda.is_available() else "cpu"
+    device = values.get("device", cfg.device)
+    if cfg.precision == "auto":
+        values["precision"] = "bf16" if device == "cuda" else "float32"
+    if cfg.compile == "auto":
+        values["compile"] = "on" if device == "cuda" else "off"
+    if not cfg.logdir:
+        name = cfg.source[0] if command == "online" else cfg.target
+        label = "online" if command == "online" else cfg.method
+        values["logdir"] = f"runs/{label}-{name.replace(':', '-')}-s{cfg.seed}"
+    return dataclasses.replace(cfg, **values)
+
+
+def validate(cfg: Config, command: str = "train"):
+    """Reject values that cannot work, with a message that says which flag to change."""
+    checks = [
+        (cfg.method in METHODS, f"--method must be one of {', '.join(METHODS)}"),
+        (cfg.preset in ("auto", *PRESETS), f"--preset must be auto or one of {', '.join(PRESETS)}"),
+        (cfg.device in ("cpu", "cuda"), "--device must be auto, cpu or cuda"),
+        (cfg.device != "cuda" or torch.cuda.is_available(), "--device cuda, but torch sees no CUDA device"),
+        (cfg.precision in ("float32", "bf16"), "--precision must be auto, float32 or bf16"),
+        (cfg.compile in ("on", "off"), "--compile must be auto, on or off"),
+        (cfg.replay_images in ("disk", "memory"), "--replay-images must be disk or memory"),
+        (cfg.render in ("default", "fast"), "--render must be default or fast"),
+        (cfg.value_constraint in ("max", "linear", "none"), "--value-constraint must be max, linear or none"),
+        (cfg.dataset_policy in ("auto", "random", "scripted"), "--dataset-policy must be auto, random or scripted"),
+        (0.0 <= cfg.k <= 1.0, "--k must lie in [0, 1]"),
+        (0.0 < cfg.gamma <= 1.0, "--gamma must lie in (0, 1]"),
+        (0.0 <= cfg.lambda_ <= 1.0, "--lambda must lie in [0, 1]"),
+        (0.0 <= cfg.kl_balance <= 1.0, "--kl-balance must lie in [0, 1]"),
+        (min(cfg.batch_size, cfg.seq_len, cfg.horizon, cfg.stoch, cfg.classes, cfg.deter, cfg.hidden,
+             cfg.cnn_depth, cfg.mlp_units, cfg.mlp_layers, cfg.train_every, cfg.ensemble, cfg.chunks) > 0,
+         "sizes (batch, sequence, horizon, network widths, train-every, ensemble, chunks) must be positive"),
+        (cfg.horizon >= 2, "--horizon must be at least 2"),
+        (min(cfg.K2, cfg.rounds, cfg.pretrain_steps) >= 0, "iteration counts must not be negative"),
+        (cfg.K1 >= 1, "--K1 (target iterations per round) must be at least 1"),
+        (min(cfg.eval_episodes, cfg.target_episodes, cfg.log_every, cfg.checkpoint_every, cfg.slow_critic_every,
+             cfg.replay_capacity, cfg.max_bad_updates, cfg.max_episode_steps or 1) >= 1,
+         "episode counts, --log-every, --checkpoint-every, --slow-critic-every, --replay-capacity, --max-bad-updates "
+         "and --max-episode-steps must be at least 1"),
+        (0 <= cfg.seed < 2 ** 31, "--seed must lie in [0, 2**31)"),
+        (len(cfg.source) >= 1, "--source needs at least one environment"),
+        (cfg.method != "dv2-finetune" or len(cfg.source) == 1, "--method dv2-finetune takes one --source"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+    used = cfg.source if command == "online" else (*(() if cfg.method == "offline-dv2" else cfg.source), cfg.target)
+    for name in used:  # only the environments the command uses: the others need not be installed
+        envs.check_env_name(name)
+    check_writable(cfg.logdir)
+
+
+def check_writable(folder):
+    """Fail before any work when the output folder cannot be created or written."""
+    existing = Path(folder).absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK):
+        raise ConfigError(f"cannot write {folder}: {existing} is not a writable folder")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise ConfigError(message)
+
+
+def flag_name(name):
+    return "--" + name.rstrip("_").replace("_", "-")
+
+
+COMMAND_HELP = {
+    "train": "CoWorld (Algorithm 1): pretrain the source agent(s) online, then alternate offline target "
+             "iterations and online source iterations, then evaluate the target agent.",
+    "online": "Train one DreamerV2 agent online (Alg. 1 line 3); its replay folder is a medium-replay "
+              "dataset when --stop-return is set.",
+    "evaluate": "Evaluate the target agent of a finished or running CoWorld run.",
+}
+
+
+def build_parser(prog, description):
+    """One flag per Config field (its help from the field); defaults stay unset, so presets can fill them."""
+    parser = _Parser(prog=prog, argument_default=argparse.SUPPRESS, description=description)
+    hints = typing.get_type_hints(Config)
+    for f in dataclasses.fields(Config):
+        kind = typing.get_args(hints[f.name])[0] if typing.get_origin(hints[f.name]) is typing.Union else hints[f.name]
+        kwargs = dict(help=f"{f.metadata['help']} (default: {f.default})")
+        if kind is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif kind is tuple:
+            kwargs["nargs"] = "+"
+        else:
+            kwargs["type"] = kind
+        parser.add_argument(flag_name(f.name), dest=f.name, **kwargs)
+    return parser
+
+
+def make_config(given, command="train"):
+    """Parsed flags -> Config: dataclass defaults < preset < explicit flags, then Table 7's per-suite values."""
+    if "source" in given:
+        given["source"] = tuple(given["source"])
+    preset = given.get("preset", "auto")
+    if preset == "auto":
+        device = given.get("device", "auto")
+        on_cuda = device == "cuda" or device == "auto" and torch.cuda.is_available()
+        preset = "paper" if on_cuda else "small"
+    if preset not in PRESETS:
+        raise ConfigError(f"--preset must be auto or one of {', '.join(PRESETS)}")
+    cfg = resolve(dataclasses.replace(Config(), **{**PRESETS[preset], **given, "preset": preset}), command)
+    validate(cfg, command)
+    return cfg
+
+
+def parse_args(argv):
+    """Command line -> (command, Config)."""
+    argv = list(argv)
+    command = argv.pop(0) if argv and argv[0] in COMMANDS else "train"
+    parser = build_parser(f"coworld.py {command}" if command != "train" else "coworld.py", COMMAND_HELP[command])
+    if command == "online":
+        parser.add_argument("--env", help="the environment to train on online (DreamerV2)")
+        parser.add_argument("--steps", type=int, help="environment steps (after action repeat)")
+    given = vars(parser.parse_args(argv))
+    if "env" in given:
+        given["source"] = (given.pop("env"),)
+    if "steps" in given:
+        given["pretrain_steps"] = given.pop("steps")
+    return command, make_config(given, command)
+
+
+# -- commands ----------------------------------------------------------------------------------
 
 def announce(cfg, command):
     notes = []
@@ -1603,16 +1614,23 @@ def announce(cfg, command):
         print(f"  note: {note}")
 
 
-def command_run(cfg, extra, command):
+def online(run):
+    """The `online` command: Alg. 1 line 3 alone, one DreamerV2 agent, then its evaluation."""
+    dreamerv2_online(run, 0, run.cfg.pretrain_steps)
+    return run.final_evaluation(run.sources[0], run.source_names[0])
+
+
+def command_run(cfg, command):
     """`train` (CoWorld, Algorithm 1) and `online` (one DreamerV2 agent): run or resume, then report."""
     announce(cfg, command)
     run = Run(cfg, command)
-    result = run.execute()
+    with run.stopping_on_signals():
+        result = algorithm1(run) if command == "train" else online(run)
     print_result(result, run.logdir)
     return 0
 
 
-def command_evaluate(cfg, extra):
+def command_evaluate(cfg):
     if not (Path(cfg.logdir) / "checkpoint.pt").exists():
         raise ConfigError(f"no checkpoint in {cfg.logdir}: pass the --logdir (and flags) of a run")
     run = Run(cfg, "evaluate")
@@ -1624,8 +1642,6 @@ def command_evaluate(cfg, extra):
 
 
 def print_result(result, logdir):
-    if result is None:
-        return
     ev = result["eval"]
     line = f"{result['env']}: return {ev['return_mean']:.1f} +- {ev['return_std']:.1f} over {ev['episodes']} episodes"
     if ev.get("success_rate") is not None:
@@ -1636,207 +1652,12 @@ def print_result(result, logdir):
     print(f"results: {Path(logdir) / 'results.json'}")
 
 
-def synthetic_batch(cfg, action_size, seed):
-    """Random uint8 images and actions of a real batch's shapes and dtypes (timing does not depend on pixels)."""
-    g = torch.Generator().manual_seed(seed)
-    B, T = cfg.batch_size, cfg.seq_len
-    batch = {"image": torch.randint(0, 256, (B, T, 64, 64, 3), dtype=torch.uint8, generator=g),
-             "action": torch.rand(B, T, action_size, generator=g) * 2 - 1, "reward": torch.rand(B, T, generator=g),
-             "is_first": torch.zeros(B, T, dtype=torch.bool), "is_terminal": torch.zeros(B, T, dtype=torch.bool)}
-    batch["is_first"][:, 0] = True
-    return {k: v.to(cfg.device) for k, v in batch.items()}
-
-
-def bench_step(cfg, kind, seed):
-    """One target update (Eq. 3 + Eq. 6) or source update (Eq. 2 + 5) of fresh agents, as a function of two
-    synthetic batches, and those batches."""
-    torch.manual_seed(seed)
-    target, source = (Agent(cfg, 5).to(cfg.device).build_optimisers() for _ in range(2))
-    step = {"target": lambda b, b2: target_update(target, b, cfg, [source]),
-            "source": lambda b, b2: source_update(source, b, cfg, b2, eta=0.5)}[kind]
-    return step, [synthetic_batch(cfg, 5, seed + i) for i in range(2)]
-
-
-def bench_update(cfg, kind, updates, seed=0):
-    """Median seconds of one update, its FLOPs and the peak memory, with fresh agents on synthetic data. Runs
-    in its own process so peak memory is its own."""
-    import resource
-    from torch.utils.flop_counter import FlopCounterMode
-    step, batches = bench_step(cfg, kind, seed)
-    with FlopCounterMode(display=False) as counter:
-        step(*batches)  # the first warm-up update also counts the FLOPs
-    if cfg.compile == "on":
-        step(*batches)  # compiled functions trace again outside the counter
-    if cfg.device == "cuda":
-        torch.cuda.synchronize(), torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(updates):
-        start = time.perf_counter()
-        metrics, _ = step(*batches)
-        float(metrics["model_loss"])  # waits for the device
-        times.append(time.perf_counter() - start)
-    peak = (torch.cuda.max_memory_allocated() if cfg.device == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    seconds = float(np.median(times))
-    return {"seconds": seconds, "frames_per_s": cfg.batch_size * cfg.seq_len / seconds,
-            "gflop": counter.get_total_flops() / 1e9, "gflop_per_s": counter.get_total_flops() / 1e9 / seconds,
-            "peak_gb": peak / 1e9}
-
-
-def bench_profile(cfg, kind, rows=12, seed=0):
-    """Where one update's time goes: the operators with the most self time (device time on CUDA), the
-    update's top-level operator calls and, on CUDA, its kernel launches: what decides whether an update is
-    launch-bound (then CUDA graphs pay) or compute-bound."""
-    from torch.profiler import ProfilerActivity, profile
-    step, batches = bench_step(cfg, kind, seed)
-    for _ in range(2 if cfg.compile == "on" else 1):  # warm-up (and compilation) outside the profile
-        step(*batches)
-    cuda = cfg.device == "cuda"
-    with profile(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]) as prof:
-        metrics, _ = step(*batches)
-        float(metrics["model_loss"])
-    events = prof.events()
-    table = prof.key_averages().table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total",
-                                      row_limit=rows)
-    return {"table": table, "ops": sum(e.cpu_parent is None and e.name.startswith("aten::") for e in events),
-            "kernels": sum(e.device_type == torch.autograd.DeviceType.CUDA for e in events) if cuda else None}
-
-
-def bench_precision(cfg, updates=20, tolerance=0.05):
-    """bf16 against float32: the same agents and batches for `updates` target updates; the largest relative
-    difference of each world-model loss term (pixel constant removed) must stay within `tolerance`."""
-    constant = 0.5 * math.log(2 * math.pi) * 64 * 64 * 3
-    runs = {}
-    for precision in ("float32", "bf16"):
-        torch.manual_seed(0)
-        run_cfg = dataclasses.replace(cfg, precision=precision)
-        target, source = (Agent(run_cfg, 5).to(cfg.device).build_optimisers() for _ in range(2))
-        losses = []
-        for i in range(updates):
-            metrics, _ = target_update(target, synthetic_batch(run_cfg, 5, i), run_cfg, [source])
-            losses.append([float(metrics["image_nll"]) - constant, float(metrics["reward_nll"]),
-                           float(metrics["kl"])])
-        runs[precision] = np.array(losses)
-    deviation = np.abs(runs["bf16"] - runs["float32"]) / np.maximum(np.abs(runs["float32"]), 1e-3)
-    worst = dict(zip(("image", "reward", "kl"), deviation.max(0)))
-    return {"worst": worst, "ok": bool(max(worst.values()) <= tolerance), "tolerance": tolerance}
-
-
-def bench_act(cfg, steps=200):
-    """Policy steps per second on single observations (the acting cost inside data collection)."""
-    agent = Agent(cfg, 5).to(cfg.device)
-    obs = {"image": np.zeros((64, 64, 3), np.uint8), "is_first": True}
-    state = None
-    for i in range(steps + 10):
-        if i == 10:
-            start = time.perf_counter()
-        _, state, _ = agent.act(obs, state, explore=True)
-        obs["is_first"] = False
-    return {"steps_per_s": steps / (time.perf_counter() - start)}
-
-
-def write_bench_dataset(directory, steps, length=501):
-    """A dataset of `steps` time steps in the on-disk layout, with smooth synthetic images (memory use does not
-    depend on the pixels; smooth ones compress fast)."""
-    rng = np.random.default_rng(0)
-    ramp = np.arange(64, dtype=np.uint8)
-    for start in range(0, steps, length):
-        n = min(length, steps - start)
-        offsets = rng.integers(0, 256, (n, 1, 1, 3), dtype=np.uint8)
-        image = (ramp[None, :, None, None] + ramp[None, None, :, None] + offsets).astype(np.uint8)
-        flags = np.arange(n)
-        envs.save_episode(directory, {"image": image, "action": rng.uniform(-1, 1, (n, 5)).astype(np.float32),
-                                      "reward": rng.uniform(0, 1, n).astype(np.float32), "discount": np.ones(n, np.float32),
-                                      "is_first": flags == 0, "is_last": flags == n - 1, "is_terminal": flags < 0})
-
-
-def bench_replay(cfg, directory, updates):
-    """Peak memory of loading a dataset into the replay (cfg.replay_images) and training the target agent from it."""
-    import resource
-    torch.manual_seed(0)
-    start = time.perf_counter()
-    replay = envs.Replay(capacity=cfg.replay_capacity, spill_dir=spill_dir(cfg))
-    for episode in envs.iter_dataset(directory, action_size=5):
-        replay.add(episode, save=False)
-    load_s, rng = time.perf_counter() - start, np.random.default_rng(0)
-    start = time.perf_counter()
-    for _ in range(10):
-        replay.sample(cfg.batch_size, cfg.seq_len, rng)
-    sample_s = (time.perf_counter() - start) / 10
-    agent = Agent(cfg, 5).to(cfg.device).build_optimisers()
-    for _ in range(updates):
-        target_update(agent, to_torch(replay.sample(cfg.batch_size, cfg.seq_len, rng), 5, cfg.device), cfg)
-    return {"steps": replay.num_steps, "load_s": load_s, "sample_s": sample_s,
-            "peak_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9}
-
-
-def peak_gflops(device, dtype, n=2048, reps=10):
-    """The machine's measured matrix-multiply throughput, the yardstick for an update's GFLOP/s."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    a @ a
-    if device == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(reps):
-        a @ a
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return 2 * n ** 3 * reps / (time.perf_counter() - start) / 1e9
-
-
-def in_subprocess(function, *args):
-    import multiprocessing
-    with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return pool.apply(function, args)
-
-
-def command_bench(cfg, extra):
-    """Print update, acting and environment speeds in a form to paste into an issue."""
-    updates, env_steps = extra.get("updates", 3), extra.get("env_steps", 50)
-    print(f"coworld bench  {time.strftime('%Y-%m-%d')}  torch {torch.__version__}  device {cfg.device}"
-          f"{' (' + torch.cuda.get_device_name() + ')' if cfg.device == 'cuda' else ''}  threads "
-          f"{torch.get_num_threads()}  cpus {os.cpu_count()}")
-    print(f"preset {cfg.preset}  precision {cfg.precision}  batch {cfg.batch_size} x {cfg.seq_len}  "
-          f"horizon {cfg.horizon}  latents {cfg.stoch}x{cfg.classes}  deter {cfg.deter}  cnn depth {cfg.cnn_depth}")
-    dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
-    print(f"matmul peak: {peak_gflops(cfg.device, dtype):.0f} GFLOP/s ({cfg.precision})")
-    for kind in ("target", "source"):
-        r = in_subprocess(bench_update, cfg, kind, updates)
-        print(f"{kind} update: {r['seconds']:.3f} s median of {updates}  {r['frames_per_s']:.0f} frames/s  "
-              f"{r['gflop']:.0f} GFLOP  {r['gflop_per_s']:.0f} GFLOP/s  peak memory {r['peak_gb']:.2f} GB")
-    print(f"acting: {in_subprocess(bench_act, cfg)['steps_per_s']:.0f} policy steps/s")
-    if extra.get("profile"):
-        for kind in ("target", "source"):
-            r = in_subprocess(bench_profile, cfg, kind)
-            kernels = f", {r['kernels']} kernel launches" if r["kernels"] is not None else ""
-            print(f"{kind} update profile: {r['ops']} top-level operator calls{kernels}\n{r['table']}")
-    if cfg.precision == "bf16" and extra.get("check_updates", 20):
-        r = in_subprocess(bench_precision, cfg, extra.get("check_updates", 20))
-        worst = ", ".join(f"{k} {v:.2%}" for k, v in r["worst"].items())
-        print(f"bf16 vs float32 over {extra.get('check_updates', 20)} updates: largest relative loss difference "
-              f"{worst} (tolerance {r['tolerance']:.0%}): {'ok' if r['ok'] else 'FAILED'}")
-    if extra.get("replay_steps"):
-        with tempfile.TemporaryDirectory(dir=cfg.data_dir if os.path.isdir(cfg.data_dir) else None) as directory:
-            write_bench_dataset(directory, extra["replay_steps"])
-            for images in ("memory", "disk"):
-                run_cfg = dataclasses.replace(cfg, replay_images=images, logdir=directory)
-                r = in_subprocess(bench_replay, run_cfg, directory, updates)
-                print(f"training from {r['steps']} dataset steps, images in {images}: peak memory {r['peak_gb']:.2f} GB "
-                      f"(load {r['load_s']:.0f} s, one batch sampled in {1000 * r['sample_s']:.0f} ms, {updates} updates)")
-    if env_steps:
-        print("environment steps per second (step + render):")
-        envs.bench(steps=env_steps)
-    return 0
-
-
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv
     try:
-        command, cfg, extra = parse_args(argv)
-        if command in ("train", "online"):
-            return command_run(cfg, extra, command)
-        return {"evaluate": command_evaluate, "bench": command_bench}[command](cfg, extra)
+        command, cfg = parse_args(argv)
+        return command_evaluate(cfg) if command == "evaluate" else command_run(cfg, command)
     except (ConfigError, envs.EnvError, envs.DatasetError, FloatingPointError, OSError) as error:
         if debug:
             traceback.print_exc()
