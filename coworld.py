@@ -50,7 +50,8 @@ class Config:
     source: tuple = param(("metaworld:window-close",), "online source environment(s) S; several = multi-source (App. C)")
     target: str = param("robodesk:open_slide", "offline target task T (its simulator is used for evaluation only)")
     target_data: str = param("", "offline dataset folder B^(T); empty = build (or reuse) a default dataset")
-    method: str = param("coworld", "coworld | offline-dv2 (no source, Lu et al. 2023) | dv2-finetune")
+    method: str = param("coworld", "coworld | offline-dv2 (no source, Lu et al. 2023) | dv2-finetune | "
+                                   "dv2-finetune-ewc (App. D)")
     logdir: str = param("", "output folder; empty = runs/<method>-<target>-s<seed>")
     data_dir: str = param("data", "where default target datasets are cached")
     preset: str = param("auto", "auto (paper on GPU, small on CPU) | paper | small")
@@ -74,6 +75,8 @@ class Config:
     state_alignment: bool = param(True, "Stage A (Eq. 3); --no-state-alignment is the ablation")
     reward_alignment: bool = param(True, "Stage B (Eq. 4, 5); --no-reward-alignment is the ablation")
     value_constraint: str = param("max", "Stage C (Eq. 6): max | linear ('w/o Max', Sec. 4.5) | none")
+    target_pretrain: typing.Optional[int] = param(None, "multi-source: target world-model updates on B^(T) alone "
+                                                  "before selecting (App. C step 1); default: a source's pretraining's")
     # World model (Table 7 and DreamerV2)
     replay_capacity: int = param(2_000_000, "replay capacity in steps")
     replay_images: str = param("disk", "replay images in a temporary file in the run folder (disk) | in memory")
@@ -91,6 +94,8 @@ class Config:
     model_lr: float = param(2e-4, "world model learning rate")
     ensemble: int = param(7, "prior ensemble size of the offline-dv2 baseline")
     penalty: float = param(10.0, "offline-dv2 reward penalty scale (lambda of Lu et al.)")
+    ewc_lambda: float = param(1000.0, "dv2-finetune-ewc: EWC strength lambda (Kirkpatrick et al. 2017)")
+    ewc_batches: int = param(20, "dv2-finetune-ewc: source batches the diagonal Fisher is estimated on")
     # Behaviour learning (Table 7, App. A.3)
     horizon: int = param(15, "H: imagination horizon")
     gamma: float = param(0.995, "gamma: discount")
@@ -139,7 +144,8 @@ PRESETS = {
         log_every=25, checkpoint_every=250,
     ),
 }
-METHODS = ("coworld", "offline-dv2", "dv2-finetune")
+METHODS = ("coworld", "offline-dv2", "dv2-finetune", "dv2-finetune-ewc")
+FINETUNE = ("dv2-finetune", "dv2-finetune-ewc")
 
 
 def family(env_name):
@@ -212,12 +218,12 @@ def mlp(inp, out, units, layers):
 
 
 class GRUCell(nn.Module):
-    """The recurrent transition f of Eq. (1), DreamerV2's GRU: one dense layer on [x, h], LayerNorm of the
-    pre-activations, update gate biased by -1."""
+    """The recurrent transition f of Eq. (1), DreamerV2's GRU: one dense layer (with bias) on [x, h], LayerNorm of
+    the pre-activations, update gate biased by -1."""
 
     def __init__(self, inp, size):
         super().__init__()
-        self.layer = nn.Linear(inp + size, 3 * size, bias=False)
+        self.layer = nn.Linear(inp + size, 3 * size)
         self.norm = nn.LayerNorm(3 * size, eps=1e-3)
 
     def forward(self, x, h):
@@ -234,8 +240,10 @@ def straight_through_sample(logits):
     logits = logits.float()
     probs = logits.softmax(-1)
     # Gumbel-max: argmax(log p - log E) ~ Categorical(p) for E ~ Exp(1), with no host sync. E = -log(1 - U)
-    # from uniform noise is 4x faster on CPU than exponential_ (1 s of a paper-size update).
-    exp_noise = torch.rand_like(logits).neg_().log1p_().neg_()
+    # from uniform noise is 4x faster on CPU than exponential_ (1 s of a paper-size update). torch.rand draws
+    # k / 2^24, so U = 0 comes once in 2^24 draws and gives E = 0, a class that wins whatever its probability:
+    # half a step up, U lies in (0, 1).
+    exp_noise = torch.rand_like(logits).add_(2 ** -25).neg_().log1p_().neg_()
     index = (logits - exp_noise.log_()).argmax(-1)
     sample = F.one_hot(index, logits.shape[-1]).to(probs.dtype)
     return sample + probs - probs.detach()
@@ -415,7 +423,7 @@ def kl_loss(post, prior, balance, free):
 
     balance * max(KL[sg(q) || p], free) + (1 - balance) * max(KL[q || sg(p)], free): the first side trains
     the prior toward the posterior, the second regularises the posterior; free nats apply to each batch
-    mean. With a prior ensemble (offline-dv2) each member is trained and the KLs are averaged.
+    mean. post (1, ...), prior (E, ...): with several priors their KLs are averaged.
     """
     prior_side = categorical_kl(post.detach(), prior).mean()
     post_side = categorical_kl(post, prior.detach()).mean()
@@ -443,6 +451,9 @@ def world_model_loss(wm, batch, cfg, reward_term=None):
         "discount_nll": F.binary_cross_entropy_with_logits(
             wm.discount(feat).squeeze(-1).float(), cfg.gamma * (1.0 - batch["is_terminal"].float())),
     }
+    if len(prior) > 1:  # offline-dv2 (Lu et al. 2023, as V-D4RL trains it): one random prior member per update
+        member = int(torch.randint(len(prior), ()))
+        prior = prior[member:member + 1]
     terms["kl_loss"], terms["kl"] = kl_loss(post.unsqueeze(0), prior, cfg.kl_balance, cfg.free_nats)
     reward = terms["reward_nll"] if reward_term is None else reward_term(terms["reward_nll"])
     loss = terms["image_nll"] + reward + terms["discount_nll"] + cfg.beta1 * terms["kl_loss"]
@@ -625,7 +636,7 @@ def select_source(e_sources, e_target):
 
 class Agent(nn.Module):
     """One DreamerV2 agent {phi, psi, xi}: the world model and the actor and critic of Eq. (9), with its three Adam
-    optimisers and a slow target critic."""
+    optimisers and a slow target critic. With ewc set (DV2 Finetune+EWC), every loss gets its EWC penalty."""
 
     def __init__(self, cfg, action_size, ensemble=1, env_actions=None):
         super().__init__()
@@ -639,6 +650,7 @@ class Agent(nn.Module):
         self.updates = 0
         self.bad_updates = 0
         self.pending = {}
+        self.ewc = None  # {"anchor": {network: [theta*]}, "fisher": {network: [F]}}
 
     def build_optimisers(self):
         cfg = self.cfg
@@ -656,6 +668,9 @@ class Agent(nn.Module):
         before the next is built."""
         if not accumulate:
             self.opts[name].zero_grad(set_to_none=True)
+            if self.ewc is not None:
+                loss = loss + ewc_penalty(self.params[name], self.ewc["anchor"][name], self.ewc["fisher"][name],
+                                          self.cfg.ewc_lambda)
         loss.backward(inputs=self.params[name])
         self.pending[name] = loss.detach() + self.pending[name] if accumulate else loss.detach()
 
@@ -695,13 +710,13 @@ class Agent(nn.Module):
 
     def state(self):
         return {"model": self.state_dict(), "opts": {k: o.state_dict() for k, o in self.opts.items()},
-                "updates": self.updates}
+                "updates": self.updates, "ewc": self.ewc}
 
     def load(self, state):
         self.load_state_dict(state["model"])
         for name, opt in self.opts.items():
             opt.load_state_dict(state["opts"][name])
-        self.updates = state["updates"]
+        self.updates, self.ewc = state["updates"], state["ewc"]
 
 
 def compile_steps(rssm, actor):
@@ -761,17 +776,17 @@ def source_update(source, batch, cfg, target_batch=None, eta=1.0):
     """Alg. 1 lines 20-24 (online domain): the source world model with Eq. (2) + Eq. (5), then behaviour.
 
     Line 20, Eq. (4): the source model filters the target sequence (target images, target actions in the
-    shared action space) to latents (h~, z~) and relabels r~ = (1-k) sg(r_phi'(h~, z~)) + k r^(T). The
-    filtering is gradient-free: Eq. (5) trains the source reward predictor on those latents.
+    shared action space) to latents (h~, z~) and relabels r~ = (1-k) sg(r_phi'(h~, z~)) + k r^(T). Eq. (5) is
+    L_r(phi'), over the whole source world model: its relabelled term trains the reward predictor and, through
+    (h~, z~), the encoder and RSSM ("we integrate Eq. (5) into Eq. (2) to train the entire world model").
     """
     B, T = check_batch(batch, source.action_size)
     with autocast(cfg):
         reward_term, relabelled = None, {}
         if target_batch is not None:
-            with torch.no_grad():
-                feat_T = source.wm.observe(target_batch)[0]  # (B, T, F): the source's latents of the target data
+            feat_T = source.wm.observe(target_batch)[0]  # (B, T, F): [z~, h~], the source's latents of the target data
             r_pred = source.wm.reward(feat_T).squeeze(-1)  # (B, T)
-            r_tilde = relabel_reward(r_pred, target_batch["reward"], cfg.k)  # line 20, Eq. (4)
+            r_tilde = relabel_reward(r_pred, target_batch["reward"], cfg.k)  # line 20, Eq. (4): a stop-gradient target
             relabelled_nll = gaussian_nll(r_pred, r_tilde.float()).mean()
             reward_term = lambda source_nll: reward_alignment_loss(source_nll, relabelled_nll, eta)  # noqa: E731, Eq. (5)
             relabelled = {"relabelled_nll": relabelled_nll.detach(), "relabelled_reward": r_tilde.mean().detach()}
@@ -785,6 +800,45 @@ def source_update(source, batch, cfg, target_batch=None, eta=1.0):
     if target_batch is not None:
         metrics["eta"] = torch.tensor(eta)
     return metrics, ok
+
+
+def world_model_update(agent, batch, cfg):
+    """App. C step 1: the world model alone on its own data, Eq. (2): no alignment, no behaviour learning."""
+    check_batch(batch, agent.action_size)
+    with autocast(cfg):
+        wm_loss, metrics, _, _ = world_model_loss(agent.wm, batch, cfg)
+    agent.backward("model", wm_loss)
+    norms, ok = agent.step()
+    metrics.update(norms, model_loss=wm_loss.detach())
+    return metrics, ok
+
+
+def ewc_penalty(params, anchor, fisher, lambda_):
+    """DV2 Finetune+EWC (App. D; Kirkpatrick et al. 2017): lambda / 2 * sum_i F_i (theta_i - theta*_i)^2."""
+    return 0.5 * lambda_ * sum((f * (p - a) ** 2).sum() for p, a, f in zip(params, anchor, fisher))
+
+
+def diagonal_fisher(agent, batches, cfg):
+    """EWC's diagonal Fisher information at the agent's weights: each network's squared loss gradient, averaged
+    over the batches (world model: Eq. 2; actor: Eq. 10; critic: Eq. 11)."""
+    fisher = {name: [torch.zeros_like(p) for p in params] for name, params in agent.params.items()}
+    for batch in batches:
+        with autocast(cfg):
+            wm_loss, _, (h, z), _ = world_model_loss(agent.wm, batch, cfg)
+            losses, _ = behaviour_losses(agent, h, z, batch["is_terminal"], cfg)
+        losses["model"] = wm_loss
+        for name, params in agent.params.items():
+            grads = torch.autograd.grad(losses[name], params, allow_unused=True)
+            for f, g in zip(fisher[name], grads):
+                if g is not None:
+                    f += g.float() ** 2 / len(batches)
+    return fisher
+
+
+def elastic_weight_consolidation(agent, batches, cfg):
+    """DV2 Finetune+EWC: anchor every network at its pretrained source weights theta*, with F from source data."""
+    agent.ewc = {"anchor": {name: [p.detach().clone() for p in params] for name, params in agent.params.items()},
+                 "fisher": diagonal_fisher(agent, batches, cfg)}
 
 
 def learn_behaviour(agent, h, z, is_terminal, cfg, source_critics=None, omega=None):
@@ -1013,10 +1067,15 @@ def algorithm1(run):
     # 2: Initialize: source models {phi', psi', xi'} and target model {phi, psi, xi} (Run; or its checkpoint)
     for i in range(len(sources)):
         dreamerv2_online(run, i, cfg.pretrain_steps)  # 3: Pretrain the source agent and collect a replay buffer B^(S)
-    if cfg.method == "dv2-finetune":  # App. D: the target agent starts as the pretrained source agent
+    co_training = sources if cfg.method == "coworld" else ()
+    if len(co_training) > 1:  # App. C step 1: with several sources the target world model is pretrained too
+        for _ in run.steps(cfg.target_pretrain, "multi-source: pretrain the target world model"):
+            run.record(target, "target", *world_model_update(target, run.sample(B_T), cfg))
+    if cfg.method in FINETUNE:  # App. D: the target agent starts as the pretrained source agent
         for _ in run.steps(1, "finetune: copy the source agent"):
             target.load_state_dict(sources[0].state_dict())
-    co_training = sources if cfg.method == "coworld" else ()
+            if cfg.method == "dv2-finetune-ewc":  # ... and each network is held near it
+                elastic_weight_consolidation(target, [run.sample(B_S[0]) for _ in range(cfg.ewc_batches)], cfg)
     for r in range(cfg.rounds):  # 4: while not converged do
         # 5: // In the offline domain:
         for _ in run.steps(cfg.K1, f"round {r + 1}/{cfg.rounds}: offline target"):  # 6: for each step in {1:K1} do
@@ -1058,7 +1117,7 @@ def algorithm1(run):
 # =============================================================================================
 
 COMMANDS = ("train", "online", "evaluate")
-CHECKPOINT_VERSION = 3  # raised when a checkpoint's meaning changes (3: Algorithm 1's steps counted as one sequence)
+CHECKPOINT_VERSION = 4  # raised when a checkpoint's meaning changes (4: the GRU's bias, one prior member trained)
 
 
 class ConfigError(ValueError):
@@ -1466,6 +1525,9 @@ def resolve(cfg: Config, command: str = "train") -> Config:
     suite = SUITES.get(family(cfg.source[0] if command == "online" else cfg.target), SUITES["metaworld"])
     values = {name: suite[name] for name in ("beta2", "k", "alpha", "K1", "pretrain_steps")
               if getattr(cfg, name) is None}
+    if cfg.target_pretrain is None:  # as many updates as a source's world model gets in its pretraining
+        prefill = cfg.prefill if cfg.prefill is not None else SUITES.get(family(cfg.source[0]), suite)["prefill"]
+        values["target_pretrain"] = max(0, values.get("pretrain_steps", cfg.pretrain_steps) - prefill) // cfg.train_every
     if cfg.rounds is None:  # every method trains the target App. D's 300k / 600k iterations
         values["rounds"] = max(1, math.ceil(suite["iterations"] / max(1, values.get("K1", cfg.K1))))
     if cfg.device == "auto":
@@ -1511,7 +1573,7 @@ def validate(cfg: Config, command: str = "train"):
          "and --max-episode-steps must be at least 1"),
         (0 <= cfg.seed < 2 ** 31, "--seed must lie in [0, 2**31)"),
         (len(cfg.source) >= 1, "--source needs at least one environment"),
-        (cfg.method != "dv2-finetune" or len(cfg.source) == 1, "--method dv2-finetune takes one --source"),
+        (cfg.method not in FINETUNE or len(cfg.source) == 1, f"--method {cfg.method} takes one --source"),
     ]
     for ok, message in checks:
         if not ok:

@@ -842,6 +842,14 @@ def test_straight_through_samples_are_one_hot_and_carry_gradient():
     torch.testing.assert_close(logits.grad, reference.grad)
 
 
+def test_a_zero_uniform_draw_does_not_pick_an_improbable_class(monkeypatch):
+    # torch.rand returns exactly 0 once in 2^24 draws; -log(-log U) then made that class win whatever its
+    # probability. With every draw 0 the noise is equal for all classes, so the likelier class must win.
+    logits = torch.log(torch.tensor([[4e-18, 1.0 - 4e-18], [0.3, 0.7]]))
+    monkeypatch.setattr(torch, "rand_like", lambda x: torch.zeros_like(x))
+    assert C.straight_through_sample(logits).argmax(-1).tolist() == [1, 1]
+
+
 def test_straight_through_samples_follow_the_probabilities():
     logits = torch.log(torch.tensor([0.7, 0.2, 0.1])).expand(20000, 1, 3)
     freq = C.straight_through_sample(logits).detach().mean((0, 1))
@@ -893,8 +901,11 @@ def test_module_shapes(preset):
 def test_gru_cell_is_dreamerv2s():
     cell = C.GRUCell(3, 4)
     x, h = torch.randn(2, 3), torch.randn(2, 4)
-    parts = torch.nn.functional.layer_norm(torch.cat([x, h], -1) @ cell.layer.weight.T, (12,), cell.norm.weight,
-                                           cell.norm.bias, eps=1e-3)
+    # DreamerV2's dense layer has a bias (use_bias=norm is not None, true with LayerNorm)
+    assert cell.layer.bias is not None and cell.layer.bias.shape == (12,)
+    torch.nn.init.normal_(cell.layer.bias)
+    parts = torch.nn.functional.layer_norm(torch.cat([x, h], -1) @ cell.layer.weight.T + cell.layer.bias, (12,),
+                                           cell.norm.weight, cell.norm.bias, eps=1e-3)
     reset, cand, update = parts[:, :4].sigmoid(), parts[:, 4:8], (parts[:, 8:] - 1).sigmoid()
     expected = update * torch.tanh(reset * cand) + (1 - update) * h
     torch.testing.assert_close(cell(x, h), expected)
@@ -1203,11 +1214,12 @@ def test_source_update_uses_eta_and_relabelled_target_reward():
     assert rest == pytest.approx(float(expected), rel=1e-3, abs=5e-3)
 
 
-def test_eq5_relabelled_term_trains_only_the_source_reward_head(monkeypatch):
-    # Only Eq. (5)'s relabelled term reaches the gradient: the target sequence was filtered without gradient,
-    # so the encoder, RSSM, decoder and discount head get none and the reward head all of it.
+def test_eq5_relabelled_term_trains_the_whole_source_world_model(monkeypatch):
+    # Eq. (5) is L_r(phi'): the relabelled term's gradient reaches the source reward head and, through the
+    # filtering of the target sequence (h~, z~ of Eq. 4), the source encoder, GRU and posterior; not the decoder,
+    # the discount head or the priors (no part of that term), and never the target agent, whose data it reads.
     cfg = small_cfg()
-    source = C.Agent(cfg, 5).build_optimisers()
+    source, target = C.Agent(cfg, 5).build_optimisers(), C.Agent(cfg, 5).build_optimisers()
     world_model_loss = C.world_model_loss
 
     def relabelled_term_only(wm, batch, cfg, reward_term=None):
@@ -1217,11 +1229,16 @@ def test_eq5_relabelled_term_trains_only_the_source_reward_head(monkeypatch):
     monkeypatch.setattr(C, "world_model_loss", relabelled_term_only)
     _, ok = C.source_update(source, fake_batch(cfg, 5), cfg, fake_batch(cfg, 5, seed=1), eta=0.4)
     assert ok
-    for name, p in source.wm.named_parameters():
-        if name.startswith("reward."):
-            assert p.grad is not None and p.grad.abs().sum() > 0, name
-        else:
-            assert p.grad is None or not p.grad.any(), name
+    reached = {name for name, p in source.wm.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    for part in ("reward.", "encoder.", "rssm.gru.", "rssm.posterior.", "rssm.img_in."):
+        assert any(name.startswith(part) for name in reached), part
+    assert not any(name.startswith(("decoder.", "discount.", "rssm.priors.")) for name in reached), reached
+    assert all(p.grad is None for p in target.parameters())
+    # The relabelled reward r~ itself is a stop-gradient target (Eq. 4's sg): the term's gradient with respect to
+    # the prediction is k * (r_pred - r^(T)), as the hand derivation of 1/2 (r~ - r_pred)^2 gives.
+    r_pred, r_target = torch.tensor([0.5, -1.0], requires_grad=True), torch.tensor([1.5, 2.0])
+    C.gaussian_nll(r_pred, C.relabel_reward(r_pred, r_target, 0.3)).sum().backward()
+    torch.testing.assert_close(r_pred.grad, 0.3 * (r_pred.detach() - r_target))
 
 
 def test_eq6_gradient_of_the_min_max_constraint():
@@ -1320,6 +1337,30 @@ def test_eq6_alpha_and_the_chosen_source_critic_inside_the_target_update():
     assert ok and float(metrics["source_value"]) == pytest.approx(-5.0)
 
 
+def test_offline_dv2_trains_one_prior_member_per_update():
+    # V-D4RL's Offline DV2 trains one randomly drawn prior member per update, drawn from the run's torch RNG
+    # (so a resumed run draws the same): the KL term is that member's and only its prior gets gradient.
+    cfg = small_cfg(free_nats=0.0)  # no free nats, so the KL's gradient is never clipped away
+    agent = C.Agent(cfg, 5, ensemble=3)
+    batch = fake_batch(cfg, 5)
+    members = []
+    for seed in range(8):
+        agent.zero_grad()
+        torch.manual_seed(seed)
+        loss, terms, _, _ = C.world_model_loss(agent.wm, batch, cfg)
+        loss.backward()
+        trained = [i for i, prior in enumerate(agent.wm.rssm.priors)
+                   if prior[0].weight.grad is not None and prior[0].weight.grad.abs().sum() > 0]
+        assert len(trained) == 1, trained
+        members.append(trained[0])
+        torch.manual_seed(seed)  # the same draws: the member's own KL is the term
+        with torch.no_grad():
+            _, _, post, prior, _ = agent.wm.observe(batch)
+        kl_member = C.kl_loss(post.unsqueeze(0), prior[trained[0]:trained[0] + 1], cfg.kl_balance, cfg.free_nats)[1]
+        assert float(terms["kl"]) == pytest.approx(float(kl_member), rel=1e-5)
+    assert len(set(members)) > 1  # the draw moves from update to update
+
+
 def test_offline_dv2_penalty_by_hand():
     # Two prior members with fixed logits: uniform, and 3:1:...:1 in every latent. Each member's probabilities
     # lie ||p0 - p1|| / 2 from their average; imagined rewards drop by penalty times that.
@@ -1343,6 +1384,48 @@ def test_offline_dv2_penalty_by_hand():
                                         dataclasses.replace(cfg, penalty=penalty))
         rewards.append(float(metrics["imag_reward"]))
     assert rewards[0] - rewards[1] == pytest.approx(10 * expected, rel=1e-4)
+
+
+def test_ewc_penalty_by_hand():
+    # lambda / 2 * sum_i F_i (theta_i - theta*_i)^2: zero at theta*, gradient lambda * F * (theta - theta*).
+    anchor = [torch.tensor([1.0, -2.0]), torch.tensor([[0.5]])]
+    fisher = [torch.tensor([0.2, 3.0]), torch.tensor([[4.0]])]
+    at_anchor = [a.clone().requires_grad_() for a in anchor]
+    assert C.ewc_penalty(at_anchor, anchor, fisher, 10.0).item() == 0.0
+    theta = [torch.tensor([2.0, -1.0], requires_grad=True), torch.tensor([[0.0]], requires_grad=True)]
+    penalty = C.ewc_penalty(theta, anchor, fisher, 10.0)
+    assert float(penalty) == pytest.approx(5.0 * (0.2 * 1.0 + 3.0 * 1.0 + 4.0 * 0.25))
+    penalty.backward()
+    torch.testing.assert_close(theta[0].grad, 10.0 * torch.tensor([0.2, 3.0]) * torch.tensor([1.0, 1.0]))
+    torch.testing.assert_close(theta[1].grad, 10.0 * torch.tensor([[4.0]]) * torch.tensor([[-0.5]]))
+
+
+def test_ewc_fisher_is_each_losss_mean_squared_gradient_and_enters_every_update():
+    cfg = small_cfg(ewc_lambda=5.0)
+    agent = C.Agent(cfg, 5).build_optimisers()
+    batches = [fake_batch(cfg, 5, seed=i) for i in range(2)]
+    torch.manual_seed(0)
+    C.elastic_weight_consolidation(agent, batches, cfg)
+    torch.manual_seed(0)  # the same draws, by hand: each network's own loss, squared gradient, averaged
+    expected = {name: [torch.zeros_like(p) for p in params] for name, params in agent.params.items()}
+    for batch in batches:
+        wm_loss, _, (h, z), _ = C.world_model_loss(agent.wm, batch, cfg)
+        losses, _ = C.behaviour_losses(agent, h, z, batch["is_terminal"], cfg)
+        for name, loss in (("model", wm_loss), ("actor", losses["actor"]), ("critic", losses["critic"])):
+            grads = torch.autograd.grad(loss, agent.params[name], retain_graph=True, allow_unused=True)
+            for e, g in zip(expected[name], grads):
+                e += 0 if g is None else g ** 2 / 2
+    for name in expected:
+        for got, want in zip(agent.ewc["fisher"][name], expected[name]):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-12)
+    assert all(torch.equal(a, p) for a, p in zip(agent.ewc["anchor"]["model"], agent.params["model"]))
+    # Away from the anchor every network's loss carries the penalty: one critic parameter moved by d adds
+    # lambda / 2 * F * d^2 to what the critic's backward sees.
+    with torch.no_grad():
+        agent.params["critic"][0][0, 0] += 0.5
+    fisher = float(agent.ewc["fisher"]["critic"][0][0, 0])
+    agent.backward("critic", torch.zeros(()) * agent.params["critic"][0].sum())
+    assert float(agent.pending["critic"]) == pytest.approx(0.5 * 5.0 * fisher * 0.25, rel=1e-5, abs=1e-12)
 
 
 def test_action_mapping_between_four_and_five_dimensions():
@@ -1406,6 +1489,36 @@ def test_multi_source_update_weights_the_source_with_the_same_encoder():
     metrics, ok = C.target_update(target, fake_batch(cfg, 5), cfg, sources)
     assert ok and metrics["omega"].tolist() == [0.0, 1.0]
     assert float(metrics["domain_kl"]) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_multi_source_pretrains_the_target_world_model_before_selecting(tmp_path, monkeypatch):
+    # App. C step 1: with several sources the target's world model first learns B^(T) alone (Eq. 2: no source
+    # encoder consulted, no behaviour learning), so the first selection compares the sources with a trained
+    # target encoder, not a random one.
+    calls, world_model_update, target_update = [], C.world_model_update, C.target_update
+
+    def pretrain(agent, batch, cfg):
+        actor, critic = params_of(agent.actor), params_of(agent.critic)
+        result = world_model_update(agent, batch, cfg)
+        assert not changed(actor, agent.actor) and not changed(critic, agent.critic)
+        calls.append("pretrain")
+        return result
+    monkeypatch.setattr(C, "world_model_update", pretrain)
+    monkeypatch.setattr(C, "target_update", lambda *args, **kwargs: (calls.append("select"), target_update(*args, **kwargs))[1])
+    run = tmp_path / "run"
+    argv = ["--source", "dmc:cartpole_balance", "dmc:walker_walk", "--target", "dmc:cartpole_swingup",
+            *tiny_flags(run, K1=2, K2=10, rounds=1, **{"pretrain-steps": 25, "target-episodes": 1, "target-pretrain": 3,
+                                                      "data-dir": tmp_path / "data"})]
+    assert C.main(argv) == 0
+    assert calls == ["pretrain"] * 3 + ["select"] * 2
+    state = torch.load(run / "checkpoint.pt", weights_only=False)
+    assert state["target"]["updates"] == 3 + 2
+    # By default as many updates as a source's world model gets in its pretraining: (160k - 5k prefill) / 5.
+    cfg = C.parse_args(["--source", "metaworld:door-close", "metaworld:button-press", "--target", "robodesk:push_green",
+                        "--preset", "paper"])[1]
+    assert cfg.target_pretrain == (160_000 - 5000) // 5
+    assert C.parse_args(["--source", "dmc:walker_walk", "--target", "dmc:walker_uphill", "--preset",
+                         "paper"])[1].target_pretrain == (600_000 - 2500) // 5
 
 
 def test_multi_source_run_counts_its_choices(tmp_path, monkeypatch):
@@ -1533,15 +1646,16 @@ def test_main_command_end_to_end_and_resume(tmp_path, monkeypatch, capsys):
     assert len(list((tmp_path / "data").glob("*/*.npz"))) == 2  # the default target dataset, cached
 
 
-@pytest.mark.parametrize("method", ["offline-dv2", "dv2-finetune"])
+@pytest.mark.parametrize("method", ["offline-dv2", "dv2-finetune", "dv2-finetune-ewc"])
 def test_baselines_run(tmp_path, monkeypatch, method):
     target_update, entered = C.target_update, []
 
     def check_target(target, batch, cfg, sources=()):  # what the target's first offline update starts from
         if not entered:
-            if method == "dv2-finetune":  # the pretrained source's weights, and no source in the update
+            if method.startswith("dv2-finetune"):  # the pretrained source's weights, and no source in the update
                 source = run_state["run"].sources[0].state_dict()
-                entered.append(not sources and all(torch.equal(v, source[k]) for k, v in target.state_dict().items()))
+                entered.append(not sources and all(torch.equal(v, source[k]) for k, v in target.state_dict().items())
+                               and (target.ewc is not None) == method.endswith("ewc"))
             else:  # no source at all, an ensemble of priors
                 entered.append(not run_state["run"].sources and len(target.wm.rssm.priors) == 3)
         return target_update(target, batch, cfg, sources)
@@ -1552,7 +1666,7 @@ def test_baselines_run(tmp_path, monkeypatch, method):
     run = tmp_path / method
     argv = ["--source", "dmc:cartpole_balance", "--target", "dmc:cartpole_swingup", "--method", method,
             *tiny_flags(run, K1=2, K2=10, rounds=1, ensemble=3, **{"pretrain-steps": 30, "target-episodes": 2,
-                                                                   "data-dir": tmp_path / "data"})]
+                                                                   "data-dir": tmp_path / "data", "ewc-batches": 2})]
     assert C.main(argv) == 0
     results = json.loads((run / "results.json").read_text())
     assert results["method"] == method and math.isfinite(results["eval"]["return_mean"])
@@ -1809,6 +1923,8 @@ class PlanRun:
     def steps(self, n, desc, safe=None, until=None):
         if match := re.search(r"round (\d+)/\d+: offline", desc):
             self.plan.append(("offline", int(match[1]) - 1))
+        elif "target world model" in desc:
+            self.plan.append(("pretrain-target", 0))
         else:
             self.plan.append(("pretrain" if desc.startswith("pretrain") else "online", int(desc[-1])))
         return iter(())
@@ -1825,8 +1941,8 @@ def test_algorithm1_plan_has_no_online_phase_after_the_last_round():
     cfg = small_cfg(rounds=3)
     run = PlanRun(cfg, 2)
     C.algorithm1(run)
-    assert run.plan == [("pretrain", 0), ("pretrain", 1), ("offline", 0), ("online", 0), ("online", 1), ("offline", 1),
-                        ("online", 0), ("online", 1), ("offline", 2), ("evaluate", 0)]
+    assert run.plan == [("pretrain", 0), ("pretrain", 1), ("pretrain-target", 0), ("offline", 0), ("online", 0),
+                        ("online", 1), ("offline", 1), ("online", 0), ("online", 1), ("offline", 2), ("evaluate", 0)]
     run = PlanRun(dataclasses.replace(cfg, method="offline-dv2"), 0)
     C.algorithm1(run)
     assert run.plan == [("offline", 0), ("offline", 1), ("offline", 2), ("evaluate", 0)]
