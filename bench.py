@@ -143,9 +143,10 @@ def write_bench_dataset(directory, steps, length=501):
         offsets = rng.integers(0, 256, (n, 1, 1, 3), dtype=np.uint8)
         image = (ramp[None, :, None, None] + ramp[None, None, :, None] + offsets).astype(np.uint8)
         flags = np.arange(n)
-        envs.save_episode(directory, {"image": image, "action": rng.uniform(-1, 1, (n, 5)).astype(np.float32),
-                                      "reward": rng.uniform(0, 1, n).astype(np.float32), "discount": np.ones(n, np.float32),
-                                      "is_first": flags == 0, "is_last": flags == n - 1, "is_terminal": flags < 0})
+        envs.save_episode(directory, {
+            "image": image, "action": rng.uniform(-1, 1, (n, 5)).astype(np.float32),
+            "reward": rng.uniform(0, 1, n).astype(np.float32), "discount": np.ones(n, np.float32),
+            "is_first": flags == 0, "is_last": flags == n - 1, "is_terminal": flags < 0})
 
 
 def bench_replay(cfg, directory, updates):
@@ -200,7 +201,7 @@ def parse_args(argv):
     for name in ("updates", "replay_steps", "env_steps", "check_updates"):
         if extra[name] < (1 if name == "updates" else 0):
             raise C.ConfigError(f"{C.flag_name(name)} must be at least {1 if name == 'updates' else 0}")
-    return C.make_config(given, "bench"), extra
+    return C.make_config(given, "bench")[0], extra
 
 
 def bench(cfg, updates, env_steps, check_updates, replay_steps, profile):
@@ -233,8 +234,9 @@ def bench(cfg, updates, env_steps, check_updates, replay_steps, profile):
             for images in ("memory", "disk"):
                 run_cfg = dataclasses.replace(cfg, replay_images=images, logdir=directory)
                 r = in_subprocess(bench_replay, run_cfg, directory, updates)
-                print(f"training from {r['steps']} dataset steps, images in {images}: peak memory {r['peak_gb']:.2f} GB "
-                      f"(load {r['load_s']:.0f} s, one batch sampled in {1000 * r['sample_s']:.0f} ms, {updates} updates)")
+                print(f"training from {r['steps']} dataset steps, images in {images}: peak memory "
+                      f"{r['peak_gb']:.2f} GB (load {r['load_s']:.0f} s, one batch sampled in "
+                      f"{1000 * r['sample_s']:.0f} ms, {updates} updates)")
     if env_steps:
         print("environment steps per second (step + render):")
         envs.bench(steps=env_steps)

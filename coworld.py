@@ -10,15 +10,19 @@ import argparse
 import contextlib
 import copy
 import dataclasses
+import errno
 import fcntl
 import functools
 import json
 import math
 import os
+import pickle
 import random
+import re
 import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -27,14 +31,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-
-import envs  # sets MUJOCO_GL before anything imports mujoco
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+import envs  # sets MUJOCO_GL before anything imports mujoco
 
 # =============================================================================================
 # 1. Config: Table 7's values as defaults; presets for other scales
@@ -47,7 +49,7 @@ def param(default, help):
 @dataclass
 class Config:
     # Run
-    source: tuple = param(("metaworld:window-close",), "online source environment(s) S; several = multi-source (App. C)")
+    source: tuple = param(("metaworld:window-close",), "online source environment(s) S; several: multi-source (App. C)")
     target: str = param("robodesk:open_slide", "offline target task T (its simulator is used for evaluation only)")
     target_data: str = param("", "offline dataset folder B^(T); empty = build (or reuse) a default dataset")
     method: str = param("coworld", "coworld | offline-dv2 (no source, Lu et al. 2023) | dv2-finetune | "
@@ -61,12 +63,13 @@ class Config:
     compile: str = param("auto", "torch.compile the per-step RSSM functions: auto (on CUDA) | on | off")
     render: str = param("default", "default (the benchmarks' look) | fast (no shadows/reflections/MSAA)")
     debug: bool = param(False, "show tracebacks for errors")
+    wandb: str = param("", "also log to this Weights & Biases project (needs the wandb package)")
     # Co-training (Table 7; None = the value of the target's suite)
     beta1: float = param(1.0, "beta1: KL loss scale (Eq. 3)")
     beta2: typing.Optional[float] = param(None, "beta2: domain KL loss scale (Eq. 3); 1 MW/RoboDesk, 1.5 DMC")
     k: typing.Optional[float] = param(None, "k: target-informed reward factor (Eq. 4); 0.3 MW/RoboDesk, 0.9 DMC")
     alpha: typing.Optional[float] = param(None, "alpha: target critic value constraint scale (Eq. 6); 2 MW/RD, 1 DMC")
-    K1: typing.Optional[int] = param(None, "K1: offline target iterations per round (Alg. 1 line 6); 5e4 MW/RD, 2e4 DMC")
+    K1: typing.Optional[int] = param(None, "K1: offline target iterations a round (Alg. 1 line 6); 5e4 MW/RD, 2e4 DMC")
     K2: int = param(20_000, "K2: online source steps per round (Alg. 1 line 16)")
     rounds: typing.Optional[int] = param(None, "rounds of Alg. 1's while loop; default: 300k (MW/RD) or 600k (DMC) "
                                          "target iterations over K1, for every method (App. D)")
@@ -78,7 +81,7 @@ class Config:
     target_pretrain: typing.Optional[int] = param(None, "multi-source: target world-model updates on B^(T) alone "
                                                   "before selecting (App. C step 1); default: a source's pretraining's")
     # World model (Table 7 and DreamerV2)
-    replay_capacity: int = param(2_000_000, "replay capacity in steps")
+    replay_capacity: int = param(2_000_000, "capacity of the online source replays in steps (B^(T) loads whole)")
     replay_images: str = param("disk", "replay images in a temporary file in the run folder (disk) | in memory")
     batch_size: int = param(50, "B: batch size")
     seq_len: int = param(50, "L: sequence length")
@@ -121,6 +124,8 @@ class Config:
     # Evaluation, logging, checkpoints
     eval_episodes: int = param(10, "evaluation episodes")
     eval_random: bool = param(False, "also evaluate a uniform random policy")
+    eval_every: int = param(10_000, "evaluate the target agent every N target updates, for learning curves (0: at "
+                                    "the end only)")
     log_every: int = param(100, "updates between metric logs")
     checkpoint_every: int = param(2000, "updates between checkpoints")
     max_bad_updates: int = param(20, "stop after this many non-finite updates in a row")
@@ -141,7 +146,7 @@ PRESETS = {
         mlp_units=200, mlp_layers=2, model_lr=3e-4, actor_lr=8e-5, critic_lr=8e-5,
         K1=400, K2=2000, rounds=2, pretrain_steps=5000, prefill=1000,
         target_episodes=10, eval_episodes=3, render="fast", replay_capacity=200_000,
-        log_every=25, checkpoint_every=250,
+        log_every=25, checkpoint_every=250, eval_every=200,
     ),
 }
 METHODS = ("coworld", "offline-dv2", "dv2-finetune", "dv2-finetune-ewc")
@@ -370,7 +375,7 @@ class Actor(nn.Module):
         return TruncatedNormal(torch.tanh(mean), 2 * torch.sigmoid(std / 2) + 0.1, self.dims)
 
     def sample(self, feat):
-        """A reparameterised action, the log-probability of the (detached) action and the entropy: (N, A), (N,), (N,)."""
+        """A reparameterised action, the log-probability of the (detached) action, the entropy: (N, A), (N,), (N,)."""
         dist = self(feat)
         action = dist.rsample()
         return action, dist.log_prob(action.detach()), dist.entropy()
@@ -586,7 +591,7 @@ def behaviour_losses(agent, h, z, is_terminal, cfg, source_critics=None, omega=N
     v_xi'(z^(T)) for the value constraint (Eq. 6, 12).
     """
     wm, H = agent.wm, cfg.horizon
-    h, z = h.detach().flatten(0, -2), z.detach().flatten(0, -2)  # every posterior state starts a rollout: (N, D), (N, S*C)
+    h, z = h.detach().flatten(0, -2), z.detach().flatten(0, -2)  # every start state: (N, D), (N, S*C)
     is_terminal, N = is_terminal.flatten(), len(h)
     feat, hs, log_prob, entropy = imagine(wm, agent.actor, h, z, H)  # (H+1, N, F), (H+1, N, D)
     # Eq. (8) needs r and gamma of states 0..H-1 only; the heads skip the states whose outputs go unused.
@@ -607,8 +612,8 @@ def behaviour_losses(agent, h, z, is_terminal, cfg, source_critics=None, omega=N
             values = torch.stack([c(feat[:-1].detach()).squeeze(-1).float() for c in source_critics])  # (I, H, N)
             v_source = torch.einsum("i,i...->...", omega, values)  # (H, N)
     losses["critic"] = critic_loss(v, V, weight[:-1], v_source, cfg.alpha, cfg.value_constraint)
-    metrics = {"imag_reward": reward.mean().detach(), "imag_value": v.mean().detach(), "lambda_return": V.mean().detach(),
-               "actor_entropy": entropy.mean().detach()}
+    metrics = {"imag_reward": reward.mean().detach(), "imag_value": v.mean().detach(),
+               "lambda_return": V.mean().detach(), "actor_entropy": entropy.mean().detach()}
     if v_source is not None:
         metrics["source_value"] = v_source.mean()
         metrics["constraint_active"] = (v.detach() > v_source).float().mean()
@@ -678,7 +683,8 @@ class Agent(nn.Module):
         """Clip each gradient at its global norm, then step the optimisers that got gradients, or none when
         any loss or gradient is not finite. This check is the update's one host synchronisation."""
         pending, self.pending = self.pending, {}
-        checks = {name: torch.stack([loss.float(), torch.nn.utils.clip_grad_norm_(self.params[name], self.cfg.grad_clip)])
+        clip = torch.nn.utils.clip_grad_norm_
+        checks = {name: torch.stack([loss.float(), clip(self.params[name], self.cfg.grad_clip)])
                   for name, loss in pending.items()}
         norms = {f"{name}_grad_norm": pair[1] for name, pair in checks.items()}
         if not bool(torch.stack(list(checks.values())).isfinite().all()):
@@ -881,7 +887,7 @@ class DecodedImageNLL(torch.autograd.Function):
         with torch.enable_grad():
             for f, o in zip(feat.tensor_split(chunks), image.tensor_split(chunks)):
                 f = f.detach().requires_grad_()
-                # The decoder sees a view of f: module hooks (bench's FLOP counter) cannot watch a leaf in autograd.grad.
+                # The decoder sees a view of f: module hooks (bench's FLOP counter) cannot watch a leaf in autograd.grad
                 nll = image_nll(decoder(f.view_as(f)), o) * (len(f) / len(feat))  # shares add up to the mean
                 grads = torch.autograd.grad(nll, [f, *params])
                 feat_grads.append(grads[0])
@@ -987,7 +993,15 @@ def evaluate(agent, env_name, cfg, episodes, video_path=None, random_policy=Fals
              stop=lambda: None):
     """Deterministic episodes (the policy's mode) in the real simulator: mean/std return, success rate,
     and Figure 5(b)'s comparison of the critic's value estimates with the discounted return achieved.
-    stop() is called after every step; it raises to end the evaluation early."""
+    stop() is called after every step; it raises to end the evaluation early. An evaluation is a function of the
+    weights and the seed alone: it draws from random streams of its own (the latent samples from a forked torch
+    generator), so it neither depends on the training's streams nor moves them."""
+    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if cfg.device == "cuda" else []):
+        torch.manual_seed(cfg.seed + seed_offset)
+        return run_episodes(agent, env_name, cfg, episodes, video_path, random_policy, seed_offset, stop)
+
+
+def run_episodes(agent, env_name, cfg, episodes, video_path, random_policy, seed_offset, stop):
     env = envs.make_env(env_name, seed=cfg.seed + seed_offset, render=cfg.render, max_steps=cfg.max_episode_steps)
     rng = np.random.default_rng(cfg.seed + seed_offset)
     returns, successes, start_values, start_returns, frames = [], [], [], [], []
@@ -1117,6 +1131,7 @@ def algorithm1(run):
 # =============================================================================================
 
 COMMANDS = ("train", "online", "evaluate")
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2)
 CHECKPOINT_VERSION = 4  # raised when a checkpoint's meaning changes (4: the GRU's bias, one prior member trained)
 
 
@@ -1143,8 +1158,11 @@ class Run:
 
     def __init__(self, cfg, command="train"):
         self.cfg, self.command = cfg, command
-        self.target_replay = load_target_data(cfg) if command == "train" else None  # Alg. 1 line 1
         self.logdir = Path(cfg.logdir)
+        self.checkpoint_path = self.logdir / "checkpoint.pt"
+        # A checkpoint is checked before any data is built: one from other flags stops the run at once.
+        state = read_checkpoint(self.checkpoint_path, cfg) if self.checkpoint_path.exists() else None
+        self.target_replay = load_target_data(cfg) if command == "train" else None  # Alg. 1 line 1
         self.logdir.mkdir(parents=True, exist_ok=True)
         if command != "evaluate":  # evaluate only reads: the run may still be writing
             for stale in self.logdir.rglob(".*.tmp*"):  # half-written files of a killed run: never read, removed
@@ -1161,18 +1179,22 @@ class Run:
                         .build_optimisers() for name in uses]
         self.target = (Agent(cfg, self.action_size, ensemble, envs.action_size(cfg.target)).to(self.device)
                        .build_optimisers() if command != "online" else None)
+        # steps: of Algorithm 1's loops, in program order; evaluated: the target's updates at its last periodic
+        # evaluation; log_lines: of metrics.jsonl
         self.progress = {"steps": 0, "env_steps": [0] * len(self.sources), "episodes": [[] for _ in self.sources],
-                         "selected": [0] * len(self.sources), "log_lines": 0}
+                         "selected": [0] * len(self.sources), "evaluated": 0, "log_lines": 0}
         self.cursor = 0  # the steps that this process's loops have counted so far, done or passed over
-        self.checkpoint_path = self.logdir / "checkpoint.pt"
         self.stop_requested = None  # "safe" after one Ctrl-C, "now" after two
         self.stop_signal = signal.SIGINT
         self.selected = torch.zeros(len(self.sources), device=self.device)  # App. C choices (Table 6)
-        self.last_metrics, self.bar = {}, None
-        self.load()
+        self.last_metrics, self.bar, self.worked = {}, None, False  # worked: a step ran in this process
+        if state is None:
+            (self.logdir / "config.json").write_text(json.dumps(dataclasses.asdict(self.cfg), indent=2))
+        else:
+            self.restore(state)
         self.saved = (self.progress["steps"], self.updates())  # what the last checkpoint holds
         if command != "evaluate":
-            self.logger = Logger(self.logdir, self.progress["log_lines"])
+            self.logger = Logger(self.logdir, self.progress["log_lines"], cfg)
             self.source_replays = [self.open_replay(i) for i in range(len(self.sources))]
 
     def open_replay(self, i):
@@ -1180,10 +1202,15 @@ class Run:
         it (the process died before the next checkpoint) move to orphaned/ and are collected anew."""
         name = self.source_names[i]
         directory = self.logdir / "replay" / name.replace(":", "-")
+        counted = len(self.progress["episodes"][i])
         if directory.is_dir():
-            for path in envs.episode_paths(directory)[len(self.progress["episodes"][i]):]:
+            for path in envs.episode_paths(directory)[counted:]:
                 (directory / "orphaned").mkdir(exist_ok=True)
                 os.replace(path, directory / "orphaned" / path.name)
+        found = len(envs.episode_paths(directory)) if directory.is_dir() else 0
+        if found < counted:  # the replay B^(S) is part of the run's state: training on what is left would differ
+            raise ConfigError(f"{directory} holds {found} episodes but {self.checkpoint_path} counted {counted}: "
+                              f"episodes were removed from the replay; restore them, or start a new --logdir")
         # The folder is a dataset too (medium-replay, for --target-data): it records how it was made.
         envs.write_dataset_info(directory, {"env": name, "render": self.cfg.render, "policy": "online",
                                             "seed": self.cfg.seed, "action_size": envs.action_size(name)})
@@ -1202,8 +1229,9 @@ class Run:
         start = min(max(self.progress["steps"] - first, 0), n)
         if start == n:
             return
-        self.bar = progress_bar(n, start, desc)
+        self.worked, self.bar = True, progress_bar(n, start, desc)
         try:
+            self.evaluate_periodically()  # one a resumed run's checkpoint was waiting for
             for step in range(start, n):
                 yield step
                 self.progress["steps"] = first + step + 1
@@ -1213,6 +1241,7 @@ class Run:
                     break
                 if safe():
                     self.check_stop()
+                    self.evaluate_periodically()
                     if self.updates() - self.saved[1] >= self.cfg.checkpoint_every:
                         self.save()
         finally:
@@ -1267,34 +1296,50 @@ class Run:
         return (self.command == "online" and self.cfg.stop_return is not None and len(recent) == 5
                 and np.mean(recent) >= self.cfg.stop_return)
 
+    def evaluate_periodically(self):
+        """Every eval_every target updates, the target agent's evaluation (the final one's settings, no video) goes
+        to the log with prefix eval, for learning curves. It runs at a safe point after a checkpoint, and a stop
+        request ends it at once: a resumed run makes it up first, from the same weights, to the same numbers."""
+        cfg, target = self.cfg, self.target
+        if (self.command != "train" or not cfg.eval_every or target.updates % cfg.eval_every
+                or target.updates in (self.progress["evaluated"], cfg.rounds * cfg.K1)):  # the last: final_evaluation
+            return
+        self.save()
+        result = evaluate(target, cfg.target, cfg, cfg.eval_episodes, stop=functools.partial(self.check_stop, now=True))
+        self.progress["evaluated"] = target.updates
+        self.logger.write(target.updates, "eval", {k: v for k, v in result.items() if isinstance(v, float)})
+
     def final_evaluation(self, agent, env_name):
         """Evaluate the trained agent in its real environment once; write results.json and a video. A finished run
-        started again returns its results.json."""
-        cfg, path = self.cfg, self.logdir / "results.json"
-        evaluated = False
+        started again returns its results.json (evaluating again if that file is gone)."""
+        path = self.logdir / "results.json"
         for _ in self.steps(1, "evaluate"):
-            stop = functools.partial(self.check_stop, now=True)
-            result = {"env": env_name, "method": cfg.method if self.command != "online" else "dreamerv2-online",
-                      "preset": cfg.preset, "render": cfg.render, "device": cfg.device, "seed": cfg.seed,
-                      "eval": evaluate(agent, env_name, cfg, cfg.eval_episodes, self.logdir / "videos" / "eval.mp4",
-                                       stop=stop)}
-            if cfg.eval_random:
-                result["random_policy"] = evaluate(agent, env_name, cfg, cfg.eval_episodes, random_policy=True,
-                                                   stop=stop)
-            if len(self.sources) > 1 and self.command != "online":
-                result["source_selected"] = dict(zip(self.source_names, self.selected.tolist()))
-            result["env_steps"] = dict(zip(self.source_names, self.progress["env_steps"]))
-            envs.atomic_write(path, lambda f: f.write(json.dumps(result, indent=2).encode()))
-            self.logger.write(agent.updates, "eval", {k: v for k, v in result["eval"].items() if isinstance(v, float)})
-            evaluated = True
-        if not evaluated:
+            self.write_results(agent, env_name, path)
+        if not path.exists():
+            self.write_results(agent, env_name, path)
+        elif not self.worked:
             print(f"{self.logdir} has finished already; its results:")
         return json.loads(path.read_text())
+
+    def write_results(self, agent, env_name, path):
+        cfg, stop = self.cfg, functools.partial(self.check_stop, now=True)
+        result = {"env": env_name, "method": cfg.method if self.command != "online" else "dreamerv2-online",
+                  "preset": cfg.preset, "render": cfg.render, "device": cfg.device, "seed": cfg.seed,
+                  "eval": evaluate(agent, env_name, cfg, cfg.eval_episodes, self.logdir / "videos" / "eval.mp4",
+                                   stop=stop)}
+        if cfg.eval_random:
+            result["random_policy"] = evaluate(agent, env_name, cfg, cfg.eval_episodes, random_policy=True, stop=stop)
+        if len(self.sources) > 1 and self.command != "online":
+            result["source_selected"] = dict(zip(self.source_names, self.selected.tolist()))
+        result["env_steps"] = dict(zip(self.source_names, self.progress["env_steps"]))
+        envs.atomic_write(path, lambda f: f.write(json.dumps(result, indent=2).encode()))
+        self.logger.write(agent.updates, "eval", {k: v for k, v in result["eval"].items() if isinstance(v, float)})
+        self.logger.video("eval/video", self.logdir / "videos" / "eval.mp4")
 
     # -- checkpoints ---------------------------------------------------------------------------
     def save(self):
         """Atomic checkpoint, written at safe points only (see steps). A killed run resumes from the last one and
-        collects anew the episode that was in progress."""
+        collects anew the episode that was in progress. Only tensors and plain data: it loads with weights_only."""
         progress = copy.deepcopy(self.progress)
         progress["selected"] = self.selected.tolist()
         progress["log_lines"] = self.logger.lines
@@ -1304,18 +1349,19 @@ class Run:
                  "rng": {"numpy": self.rng.bit_generator.state, "torch": torch.get_rng_state(),
                          "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
                          "python": random.getstate()}}
-        envs.atomic_write(self.checkpoint_path, lambda f: torch.save(state, f))  # a kill keeps the previous one
+        try:
+            envs.atomic_write(self.checkpoint_path, lambda f: torch.save(state, f))  # a kill keeps the previous one
+        except (OSError, RuntimeError) as error:  # torch.save reports a full disk as RuntimeError("... unexpected pos")
+            full = getattr(error, "errno", None) == errno.ENOSPC or shutil.disk_usage(self.logdir).free < 2 ** 26
+            reason = ("No space left on device: the disk is full" if full
+                      else f"cannot write a checkpoint ({envs.error_message(error)})")
+            raise OSError(errno.ENOSPC if full else errno.EIO, f"{reason}; the last checkpoint "
+                          f"{self.checkpoint_path.name} stands and the same command resumes from it",
+                          str(self.logdir)) from error
         self.saved = (self.progress["steps"], self.updates())
 
-    def load(self):
-        if not self.checkpoint_path.exists():
-            (self.logdir / "config.json").write_text(json.dumps(dataclasses.asdict(self.cfg), indent=2))
-            return
-        state = torch.load(self.checkpoint_path, map_location=self.device, weights_only=False)
-        if state.get("version") != CHECKPOINT_VERSION:
-            raise ConfigError(f"{self.checkpoint_path} was written by another version of coworld.py (checkpoint "
-                              f"format {state.get('version', 1)}, this one reads {CHECKPOINT_VERSION}); use a new --logdir")
-        check_same_config(state["config"], self.cfg, self.checkpoint_path)
+    def restore(self, state):
+        """Continue from a checkpoint read_checkpoint accepted: weights, optimisers, counters, random states."""
         for agent, agent_state in zip(self.sources, state["sources"]):
             agent.load(agent_state)
         if self.target:
@@ -1353,11 +1399,9 @@ class Run:
 
     @contextlib.contextmanager
     def stopping_on_signals(self):
-        """Ctrl-C (SIGINT), or SIGTERM (a cluster's preemption notice), stops at the next safe point and writes a
-        checkpoint there."""
-        in_main_thread = threading.current_thread() is threading.main_thread()
-        stop_signals = (signal.SIGINT, signal.SIGTERM) if in_main_thread else ()
-        previous = {signum: signal.signal(signum, self.request_stop) for signum in stop_signals}
+        """Ctrl-C (SIGINT), SIGTERM (a cluster's preemption notice) or SIGUSR2 (SLURM's warning before a time
+        limit) stops at the next safe point and writes a checkpoint there."""
+        previous = {signum: signal.signal(signum, self.request_stop) for signum in stop_signals()}
         try:
             yield
         except KeyboardInterrupt:
@@ -1375,12 +1419,38 @@ class Run:
                 signal.signal(signum, handler)
 
 
+def read_checkpoint(path, cfg):
+    """A run's checkpoint, refused with one line when it is damaged, foreign, of another format or of other flags.
+    weights_only: a checkpoint holds tensors and plain data only, so loading one from elsewhere runs no code."""
+    try:
+        state = torch.load(path, map_location=cfg.device, weights_only=True)
+    except pickle.UnpicklingError as error:
+        unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+        what = (f"refused: it holds a Python object ({unsafe[1]}) where a checkpoint holds only tensors and plain "
+                f"data; loading it could run code" if unsafe else f"damaged ({first_line(error)})")
+        raise ConfigError(f"{path}: {what}; move it away to start the run over") from error
+    except Exception as error:  # truncated, empty, random bytes: torch raises RuntimeError, EOFError, ...
+        raise ConfigError(f"{path}: damaged, not a readable checkpoint ({type(error).__name__}: {first_line(error)}); "
+                          f"move it away to start the run over") from error
+    if not isinstance(state, dict) or not {"progress", "sources", "target", "config"} <= state.keys():
+        raise ConfigError(f"{path}: not a coworld.py checkpoint; move it away, or use another --logdir")
+    if state.get("version") != CHECKPOINT_VERSION:
+        raise ConfigError(f"{path} was written by another version of coworld.py (checkpoint format "
+                          f"{state.get('version', 1)}, this one reads {CHECKPOINT_VERSION}); use a new --logdir")
+    check_same_config(state["config"], cfg, path)
+    return state
+
+
+def first_line(error):
+    return (str(error).strip().splitlines() or [""])[0]
+
+
 def check_same_config(saved, cfg, path):
     """A checkpoint only resumes the run it came from: name the fields that differ."""
     current = dataclasses.asdict(cfg)
     # What may change between a run and its resume or evaluation: where and how it runs, logs and evaluates.
     ignore = {"device", "debug", "log_every", "checkpoint_every", "max_bad_updates", "logdir", "data_dir",
-              "eval_episodes", "eval_random"}
+              "eval_episodes", "eval_random", "replay_images", "wandb"}
     diff = [f"{k} ({saved.get(k)!r} -> {current[k]!r})" for k in current
             if k not in ignore and json.dumps(saved.get(k)) != json.dumps(current[k])]
     if diff:
@@ -1391,28 +1461,40 @@ def check_same_config(saved, cfg, path):
 # -- logging -----------------------------------------------------------------------------------
 
 class Logger:
-    """Metrics to metrics.jsonl (one JSON object per line, easy to plot) and to TensorBoard.
+    """Metrics to metrics.jsonl (one JSON object per line, easy to plot), to TensorBoard and, with --wandb, to
+    Weights & Biases.
 
     keep_lines: the lines the checkpoint a run resumes from had written (0 for a new run). Later ones are
     dropped: the resumed run logs those steps again, so the file reads as one uninterrupted run. TensorBoard's
     files are rebuilt from the kept lines on a resume: a killed run's last points may never have reached them, and
     TensorBoard cannot drop the points logged after the checkpoint."""
 
-    def __init__(self, logdir, keep_lines):
+    def __init__(self, logdir, keep_lines, cfg):
         from torch.utils.tensorboard import SummaryWriter
         self.path, tb = Path(logdir) / "metrics.jsonl", Path(logdir) / "tb"
         lines = self.path.read_bytes().splitlines(keepends=True) if self.path.exists() else []
         if len(lines) > keep_lines:
             lines = lines[:keep_lines]
             envs.atomic_write(self.path, lambda f: f.writelines(lines))
+        records = [self.parse(line, number) for number, line in enumerate(lines, 1)]
         self.lines = len(lines)
         if tb.is_dir():
             shutil.rmtree(tb)
         self.writer = SummaryWriter(str(tb))
-        for line in map(json.loads, lines):
-            step, walltime = line.pop("step"), line.pop("time")
-            for key, value in line.items():
+        self.wandb, self.wandb_keys = (start_wandb(cfg) if cfg.wandb else None), set()
+        for record in records:
+            step, walltime = record.pop("step"), record.pop("time")
+            for key, value in record.items():
                 self.writer.add_scalar(key, value, step, walltime=walltime)
+
+    def parse(self, line, number):
+        try:
+            record = json.loads(line)
+            assert isinstance(record, dict) and {"step", "time"} <= record.keys()
+            return record
+        except (ValueError, AssertionError):
+            raise ConfigError(f"{self.path}: line {number} is damaged (not a JSON object with step and time); mend or "
+                              f"delete that line, or start a new --logdir") from None
 
     def write(self, step, prefix, metrics):
         scalars = {}
@@ -1425,6 +1507,11 @@ class Logger:
         now = time.time()
         for key, value in scalars.items():
             self.writer.add_scalar(key, value, step, walltime=now)
+        if self.wandb:  # each prefix has its own x axis (target updates, source updates, environment steps)
+            for key in scalars.keys() - self.wandb_keys:
+                self.wandb.define_metric(key, step_metric=f"{prefix}/step")
+            self.wandb_keys |= scalars.keys()
+            self.wandb.log({**scalars, f"{prefix}/step": step})
         line = (json.dumps({"step": step, "time": now, **scalars}) + "\n").encode()
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
@@ -1434,8 +1521,27 @@ class Logger:
         self.lines += 1
         return scalars
 
+    def video(self, key, path):
+        if self.wandb and path.exists():
+            import wandb
+            self.wandb.log({key: wandb.Video(str(path), format=path.suffix[1:])})
+
     def close(self):
         self.writer.close()
+        if self.wandb:
+            self.wandb.finish()
+
+
+def start_wandb(cfg):
+    """A Weights & Biases run named by the run folder; a resumed run continues the same W&B run."""
+    try:
+        import wandb
+    except ImportError:
+        raise ConfigError("--wandb needs the wandb package: pip install wandb") from None
+    import hashlib
+    run_id = hashlib.sha1(cfg.logdir.encode()).hexdigest()[:16]
+    return wandb.init(project=cfg.wandb, name=Path(cfg.logdir).name, id=run_id, resume="allow", dir=cfg.logdir,
+                      config=dataclasses.asdict(cfg))
 
 
 def progress_bar(total, initial, desc):
@@ -1475,40 +1581,24 @@ def load_target_data(cfg):
                                 f"uses render={cfg.render!r}; pass --render {info['render']}")
     if info.get("env") not in (None, cfg.target):
         print(f"note: {directory} was recorded on {info['env']}, the target is {cfg.target}")
-    created = not Path(cfg.logdir).exists()
-    replay = envs.Replay(capacity=cfg.replay_capacity, spill_dir=spill_dir(cfg))
+    replay = envs.Replay(capacity=sys.maxsize, spill_dir=spill_dir(cfg))  # B^(T) is fixed: all of it, always
     try:
-        for episode in envs.iter_dataset(directory, action_size=envs.action_size(cfg.target)):
+        for episode in envs.iter_dataset(directory, action_size=envs.action_size(cfg.target), seq_len=cfg.seq_len):
             replay.add(episode, save=False)
     except envs.DatasetError:
-        replay.close()  # a bad dataset leaves no trace, not even the run folder the spill file made
-        if created:
-            shutil.rmtree(cfg.logdir, ignore_errors=True)
+        replay.close()  # a bad dataset leaves no trace (claimed() removes the run folder it made)
         raise
     return replay
 
 
 def build_default_dataset(cfg):
-    """The default B^(T), collected once per setting into data_dir. Runs that need the same one at the same time
-    take turns under a file lock: the first builds it, the others wait and read it."""
+    """The default B^(T), collected once per setting into data_dir (runs that need it at once take turns)."""
     policy = default_dataset_policy(cfg)
     steps = f"-{cfg.max_episode_steps}steps" if cfg.max_episode_steps else ""
     directory = (Path(cfg.data_dir) / f"{cfg.target.replace(':', '-')}-{policy}-{cfg.render}-"
                  f"{cfg.target_episodes}ep{steps}-s{cfg.seed}")
-    if envs.read_dataset_info(directory) is not None:  # built already: read it, even from a read-only folder
-        return directory
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    with open(directory.parent / f".{directory.name}.lock", "w") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            print(f"waiting for another run that is building {directory}")
-            fcntl.flock(lock, fcntl.LOCK_EX)
-        if envs.read_dataset_info(directory) is None:
-            print(f"No --target-data: building a default dataset for {cfg.target} ({cfg.target_episodes} episodes, "
-                  f"{policy} policy, {cfg.render} render) in {directory}")
-            envs.collect(cfg.target, policy, cfg.target_episodes, directory, seed=cfg.seed + 7,
-                         render=cfg.render, max_steps=cfg.max_episode_steps)
+    envs.collect_once(cfg.target, policy, cfg.target_episodes, directory, seed=cfg.seed + 7, render=cfg.render,
+                      max_steps=cfg.max_episode_steps)
     return directory
 
 
@@ -1527,7 +1617,8 @@ def resolve(cfg: Config, command: str = "train") -> Config:
               if getattr(cfg, name) is None}
     if cfg.target_pretrain is None:  # as many updates as a source's world model gets in its pretraining
         prefill = cfg.prefill if cfg.prefill is not None else SUITES.get(family(cfg.source[0]), suite)["prefill"]
-        values["target_pretrain"] = max(0, values.get("pretrain_steps", cfg.pretrain_steps) - prefill) // cfg.train_every
+        pretrain = values.get("pretrain_steps", cfg.pretrain_steps)
+        values["target_pretrain"] = max(0, pretrain - prefill) // cfg.train_every
     if cfg.rounds is None:  # every method trains the target App. D's 300k / 600k iterations
         values["rounds"] = max(1, math.ceil(suite["iterations"] / max(1, values.get("K1", cfg.K1))))
     if cfg.device == "auto":
@@ -1541,59 +1632,99 @@ def resolve(cfg: Config, command: str = "train") -> Config:
         name = cfg.source[0] if command == "online" else cfg.target
         label = "online" if command == "online" else cfg.method
         values["logdir"] = f"runs/{label}-{name.replace(':', '-')}-s{cfg.seed}"
+    for name in ("logdir", "data_dir", "target_data"):  # one meaning of a path everywhere: ~ expanded, absolute
+        path = values.get(name, getattr(cfg, name))
+        if path:
+            values[name] = os.path.abspath(os.path.expanduser(path))
     return dataclasses.replace(cfg, **values)
+
+
+# The range of every numeric flag; each is also finite. Checked before any work.
+AT_LEAST_ONE = ("batch_size", "seq_len", "stoch", "classes", "deter", "hidden", "cnn_depth", "mlp_units", "mlp_layers",
+                "ensemble", "chunks", "train_every", "slow_critic_every", "replay_capacity", "eval_episodes",
+                "target_episodes", "log_every", "checkpoint_every", "max_bad_updates", "max_episode_steps", "K1",
+                "rounds", "ewc_batches")
+AT_LEAST_ZERO = ("K2", "prefill", "pretrain_steps", "target_pretrain", "eval_every", "beta1", "beta2", "alpha",
+                 "free_nats", "penalty", "beta", "ewc_lambda")
+UNIT_INTERVAL = ("k", "kl_balance", "lambda_", "rho", "eta_start", "eta_end")  # [0, 1]
+POSITIVE = ("model_lr", "actor_lr", "critic_lr", "adam_eps", "grad_clip")  # > 0
+CHOICES = {"method": METHODS, "device": ("cpu", "cuda"), "precision": ("float32", "bf16"), "compile": ("on", "off"),
+           "replay_images": ("disk", "memory"), "render": ("default", "fast"),
+           "value_constraint": ("max", "linear", "none"), "dataset_policy": ("auto", "random", "scripted")}
+
+
+def range_error(name, value):
+    """What is wrong with a numeric flag's value, or None."""
+    if not math.isfinite(value):
+        return f"{flag_name(name)} must be a finite number, got {value}"
+    rules = [(AT_LEAST_ONE, lambda v: v >= 1, "be at least 1"), (AT_LEAST_ZERO, lambda v: v >= 0, "be at least 0"),
+             (UNIT_INTERVAL, lambda v: 0 <= v <= 1, "lie in [0, 1]"), (POSITIVE, lambda v: v > 0, "be above 0"),
+             (("gamma",), lambda v: 0 < v <= 1, "lie in (0, 1]"), (("horizon",), lambda v: v >= 2, "be at least 2"),
+             (("seed",), lambda v: 0 <= v < 2 ** 31, "lie in [0, 2**31)")]
+    for names, ok, rule in rules:
+        if name in names and not ok(value):
+            return f"{flag_name(name)} must {rule}, got {value}"
+    return None
 
 
 def validate(cfg: Config, command: str = "train"):
     """Reject values that cannot work, with a message that says which flag to change."""
+    for name, choices in CHOICES.items():
+        if getattr(cfg, name) not in choices:
+            named = ("auto", *choices) if name in ("device", "precision", "compile") else choices
+            raise ConfigError(f"{flag_name(name)} must be {', '.join(named[:-1])} or {named[-1]}")
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and (error := range_error(f.name, value)):
+            raise ConfigError(error)
+    sources = cfg.source if command == "online" or cfg.method != "offline-dv2" else ()
     checks = [
-        (cfg.method in METHODS, f"--method must be one of {', '.join(METHODS)}"),
-        (cfg.preset in ("auto", *PRESETS), f"--preset must be auto or one of {', '.join(PRESETS)}"),
-        (cfg.device in ("cpu", "cuda"), "--device must be auto, cpu or cuda"),
         (cfg.device != "cuda" or torch.cuda.is_available(), "--device cuda, but torch sees no CUDA device"),
-        (cfg.precision in ("float32", "bf16"), "--precision must be auto, float32 or bf16"),
-        (cfg.compile in ("on", "off"), "--compile must be auto, on or off"),
-        (cfg.replay_images in ("disk", "memory"), "--replay-images must be disk or memory"),
-        (cfg.render in ("default", "fast"), "--render must be default or fast"),
-        (cfg.value_constraint in ("max", "linear", "none"), "--value-constraint must be max, linear or none"),
-        (cfg.dataset_policy in ("auto", "random", "scripted"), "--dataset-policy must be auto, random or scripted"),
-        (0.0 <= cfg.k <= 1.0, "--k must lie in [0, 1]"),
-        (0.0 < cfg.gamma <= 1.0, "--gamma must lie in (0, 1]"),
-        (0.0 <= cfg.lambda_ <= 1.0, "--lambda must lie in [0, 1]"),
-        (0.0 <= cfg.kl_balance <= 1.0, "--kl-balance must lie in [0, 1]"),
-        (min(cfg.batch_size, cfg.seq_len, cfg.horizon, cfg.stoch, cfg.classes, cfg.deter, cfg.hidden,
-             cfg.cnn_depth, cfg.mlp_units, cfg.mlp_layers, cfg.train_every, cfg.ensemble, cfg.chunks) > 0,
-         "sizes (batch, sequence, horizon, network widths, train-every, ensemble, chunks) must be positive"),
-        (cfg.horizon >= 2, "--horizon must be at least 2"),
-        (min(cfg.K2, cfg.rounds, cfg.pretrain_steps) >= 0, "iteration counts must not be negative"),
-        (cfg.K1 >= 1, "--K1 (target iterations per round) must be at least 1"),
-        (min(cfg.eval_episodes, cfg.target_episodes, cfg.log_every, cfg.checkpoint_every, cfg.slow_critic_every,
-             cfg.replay_capacity, cfg.max_bad_updates, cfg.max_episode_steps or 1) >= 1,
-         "episode counts, --log-every, --checkpoint-every, --slow-critic-every, --replay-capacity, --max-bad-updates "
-         "and --max-episode-steps must be at least 1"),
-        (0 <= cfg.seed < 2 ** 31, "--seed must lie in [0, 2**31)"),
         (len(cfg.source) >= 1, "--source needs at least one environment"),
         (cfg.method not in FINETUNE or len(cfg.source) == 1, f"--method {cfg.method} takes one --source"),
+        (len(set(sources)) == len(sources), f"--source names {next((n for n in sources if sources.count(n) > 1), '')} "
+                                            f"twice: each source is its own agent and replay"),
+        (command == "online" or cfg.target not in sources, f"--source {cfg.target} is also the --target: a source is "
+                                                           f"an online simulator other than the offline task"),
+        (not cfg.target_data or not is_inside(cfg.logdir, cfg.target_data),
+         f"--logdir {cfg.logdir} lies inside --target-data {cfg.target_data}: its files would mix with the dataset"),
+        (not Path(cfg.data_dir).exists() or Path(cfg.data_dir).is_dir(), f"--data-dir {cfg.data_dir} is a file, not "
+                                                                          f"a folder"),
     ]
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
-    used = cfg.source if command == "online" else (*(() if cfg.method == "offline-dv2" else cfg.source), cfg.target)
+    used = cfg.source if command == "online" else (*sources, cfg.target)
     for name in used:  # only the environments the command uses: the others need not be installed
         envs.check_env_name(name)
     check_writable(cfg.logdir)
 
 
+def is_inside(path, folder):
+    return Path(os.path.realpath(path)).is_relative_to(os.path.realpath(folder))  # realpath: no error on link loops
+
+
 def check_writable(folder):
-    """Fail before any work when the output folder cannot be created or written."""
+    """Fail before any work when the output folder cannot be created or written: try it, leaving nothing behind."""
     existing = Path(folder).absolute()
     while not existing.exists():
         existing = existing.parent
-    if not existing.is_dir() or not os.access(existing, os.W_OK):
-        raise ConfigError(f"cannot write {folder}: {existing} is not a writable folder")
+    if not existing.is_dir():
+        raise ConfigError(f"cannot write {folder}: {existing} is not a folder")
+    if existing == Path(folder).absolute():  # a run folder that exists: resumed, or a new run in an empty folder
+        if not os.access(existing, os.W_OK):
+            raise ConfigError(f"cannot write {folder}: it is not writable")
+        return
+    try:  # can the folder be made? (os.access cannot tell: /proc is "writable" and takes no folder)
+        os.rmdir(tempfile.mkdtemp(dir=existing, prefix=".coworld-write-test-"))
+    except OSError as error:
+        raise ConfigError(f"cannot write {folder}: {existing}: {error.strerror}") from None
 
 
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, **kwargs):
+        super().__init__(allow_abbrev=False, **kwargs)  # --batch is not --batch-size
+
     def error(self, message):
         raise ConfigError(message)
 
@@ -1628,8 +1759,20 @@ def build_parser(prog, description):
     return parser
 
 
+# Flags a method does not read: given anyway, they are named in a note.
+UNUSED = {
+    "offline-dv2": ("source", "state_alignment", "reward_alignment", "value_constraint", "beta2", "k", "alpha", "K2",
+                    "eta_start", "eta_end", "pretrain_steps", "target_pretrain", "ewc_lambda", "ewc_batches"),
+    "dv2-finetune": ("state_alignment", "reward_alignment", "value_constraint", "beta2", "k", "alpha", "K2",
+                     "eta_start", "eta_end", "target_pretrain", "ewc_lambda", "ewc_batches", "ensemble", "penalty"),
+    "coworld": ("ewc_lambda", "ewc_batches", "ensemble", "penalty"),
+}
+UNUSED["dv2-finetune-ewc"] = tuple(n for n in UNUSED["dv2-finetune"] if not n.startswith("ewc"))
+
+
 def make_config(given, command="train"):
-    """Parsed flags -> Config: dataclass defaults < preset < explicit flags, then Table 7's per-suite values."""
+    """Parsed flags -> (Config, notes): dataclass defaults < preset < explicit flags, then Table 7's per-suite
+    values; the notes name given flags the method does not read."""
     if "source" in given:
         given["source"] = tuple(given["source"])
     preset = given.get("preset", "auto")
@@ -1641,11 +1784,13 @@ def make_config(given, command="train"):
         raise ConfigError(f"--preset must be auto or one of {', '.join(PRESETS)}")
     cfg = resolve(dataclasses.replace(Config(), **{**PRESETS[preset], **given, "preset": preset}), command)
     validate(cfg, command)
-    return cfg
+    unused = [flag_name(name) for name in UNUSED.get(cfg.method, ()) if name in given] if command == "train" else []
+    notes = [f"--method {cfg.method} does not use {', '.join(unused)}"] if unused else []
+    return cfg, notes
 
 
 def parse_args(argv):
-    """Command line -> (command, Config)."""
+    """Command line -> (command, Config, notes)."""
     argv = list(argv)
     command = argv.pop(0) if argv and argv[0] in COMMANDS else "train"
     parser = build_parser(f"coworld.py {command}" if command != "train" else "coworld.py", COMMAND_HELP[command])
@@ -1653,17 +1798,19 @@ def parse_args(argv):
         parser.add_argument("--env", help="the environment to train on online (DreamerV2)")
         parser.add_argument("--steps", type=int, help="environment steps (after action repeat)")
     given = vars(parser.parse_args(argv))
+    if command == "online" and "env" not in given:
+        raise ConfigError("online needs --env: the environment the agent learns in, e.g. --env dmc:walker_walk")
     if "env" in given:
         given["source"] = (given.pop("env"),)
     if "steps" in given:
         given["pretrain_steps"] = given.pop("steps")
-    return command, make_config(given, command)
+    return (command, *make_config(given, command))
 
 
 # -- commands ----------------------------------------------------------------------------------
 
-def announce(cfg, command):
-    notes = []
+def announce(cfg, command, notes=()):
+    notes = list(notes)
     if cfg.preset == "small":
         notes.append("no CUDA device: using the `small` preset (--preset paper forces the paper's values)"
                      if cfg.device == "cpu" else "using the `small` preset")
@@ -1682,14 +1829,42 @@ def online(run):
     return run.final_evaluation(run.sources[0], run.source_names[0])
 
 
-def command_run(cfg, command):
+def command_run(cfg, command, notes):
     """`train` (CoWorld, Algorithm 1) and `online` (one DreamerV2 agent): run or resume, then report."""
-    announce(cfg, command)
-    run = Run(cfg, command)
-    with run.stopping_on_signals():
-        result = algorithm1(run) if command == "train" else online(run)
+    announce(cfg, command, notes)
+    with claimed(cfg.logdir):
+        run = Run(cfg, command)
+        with run.stopping_on_signals():
+            result = algorithm1(run) if command == "train" else online(run)
     print_result(result, run.logdir)
     return 0
+
+
+@contextlib.contextmanager
+def claimed(logdir):
+    """The run folder, held under an exclusive lock for as long as the run goes: a second run on it stops at once
+    (evaluate, which only reads, takes none). A folder this run made is removed again when bad input stops the run,
+    or when it stops before writing anything."""
+    folder, created = Path(logdir), not Path(logdir).exists()
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "unknown"
+            raise ConfigError(f"{folder} is in use by another run (PID {holder}); wait for it to end, or use another "
+                              f"--logdir") from None
+        lock.truncate(0)
+        lock.write(str(os.getpid()))
+        lock.flush()
+        try:
+            yield
+        except BaseException as error:
+            bad_input = isinstance(error, (ConfigError, envs.EnvError, envs.DatasetError))
+            if created and (bad_input or not set(os.listdir(folder)) - {".lock"}):
+                shutil.rmtree(folder, ignore_errors=True)
+            raise
 
 
 def command_evaluate(cfg):
@@ -1714,12 +1889,26 @@ def print_result(result, logdir):
     print(f"results: {Path(logdir) / 'results.json'}")
 
 
+def interrupted(signum, frame):
+    raise Interrupted(signum)
+
+
+def stop_signals():
+    """The signals that stop a run: Ctrl-C, SIGTERM, and SIGUSR2 (SLURM's notice before a time limit) unless the
+    parent set it to be ignored (a job that turns it into SIGTERM itself). Handlers exist in the main thread only."""
+    if threading.current_thread() is not threading.main_thread():
+        return ()
+    return tuple(s for s in STOP_SIGNALS if s != signal.SIGUSR2 or signal.getsignal(s) is not signal.SIG_IGN)
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv
+    # Until a run takes them over (it stops at a safe point), SIGTERM and SIGUSR2 stop as Ctrl-C does.
+    previous = {signum: signal.signal(signum, interrupted) for signum in stop_signals() if signum != signal.SIGINT}
     try:
-        command, cfg = parse_args(argv)
-        return command_evaluate(cfg) if command == "evaluate" else command_run(cfg, command)
+        command, cfg, notes = parse_args(argv)
+        return command_evaluate(cfg) if command == "evaluate" else command_run(cfg, command, notes)
     except (ConfigError, envs.EnvError, envs.DatasetError, FloatingPointError, OSError) as error:
         if debug:
             traceback.print_exc()
@@ -1728,6 +1917,9 @@ def main(argv=None):
     except KeyboardInterrupt as interrupt:
         print("\ninterrupted", file=sys.stderr)
         return 128 + getattr(interrupt, "signum", signal.SIGINT)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 if __name__ == "__main__":

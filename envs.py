@@ -24,6 +24,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import errno
+import fcntl
 import functools
 import io
 import json
@@ -68,6 +70,7 @@ IMAGE_SIZE = 64
 EPISODE_KEYS = ("image", "action", "reward", "discount", "is_first", "is_last", "is_terminal")
 FLAG_KEYS = ("is_first", "is_last", "is_terminal", "success")
 DATASET_INFO = "dataset.json"
+MAX_REWARD = 1e4  # per step; the benchmarks give at most 10 (Meta-World), and squares of 1e19 overflow float32
 BENCH_ENVS = ("metaworld:window-close", "robodesk:open_slide", "dmc:walker_walk", "dmc:walker_uphill")
 
 # Debian packages that provide each OpenGL backend, for error messages.
@@ -618,8 +621,17 @@ def _check_episode(episode: dict, where: str = "episode") -> dict:
     lengths = {key: len(value) for key, value in out.items()}
     if len(set(lengths.values())) != 1:
         raise DatasetError(f"{where}: arrays have unequal lengths {lengths}")
-    if lengths["image"] == 0 or not out["is_first"][0]:
-        raise DatasetError(f"{where}: an episode must start with is_first=True")
+    if lengths["image"] < 2:
+        raise DatasetError(f"{where}: {lengths['image']} step(s); an episode needs its reset frame and at least one "
+                           "transition")
+    for key, at in (("is_first", 0), ("is_last", lengths["image"] - 1)):
+        marked = np.flatnonzero(out[key]).tolist()
+        if marked != [at]:
+            raise DatasetError(f"{where}: {key} must be True at step {at} only, found at steps {marked[:5]}"
+                               f"{'...' if len(marked) > 5 else ''}")
+    if np.abs(out["reward"]).max() > MAX_REWARD:
+        raise DatasetError(f"{where}: rewards up to {np.abs(out['reward']).max():.3g} in magnitude, beyond "
+                           f"{MAX_REWARD:g}; the benchmarks give at most 10 a step: rescale them")
     if ((out["discount"] < 0) | (out["discount"] > 1)).any():
         raise DatasetError(f"{where}: discount must lie in [0, 1]")
     if not np.array_equal(out["is_terminal"], out["discount"] == 0):
@@ -668,15 +680,24 @@ def episode_paths(directory) -> list[pathlib.Path]:
                   key=lambda path: (path.name[:15], path.stat().st_mtime_ns, path.name))
 
 
-def iter_dataset(directory, action_size: int | None = None, image_size: int = IMAGE_SIZE):
+def iter_dataset(directory, action_size: int | None = None, image_size: int = IMAGE_SIZE, seq_len: int = 1):
     """Load and validate the episodes of a folder one at a time, oldest first; any problem is a DatasetError.
-    Only one episode is in memory at a time, so a dataset larger than RAM streams into a disk-backed Replay."""
+    Only one episode is in memory at a time, so a dataset larger than RAM streams into a disk-backed Replay.
+    A dataset that is usable but odd is said so once, at the end: actions outside [-1, 1] (clipped, as the
+    environments clip them) and episodes shorter than a training window of ``seq_len`` (windows then span
+    episodes, is_first marking the seams)."""
     directory = pathlib.Path(directory)
+    try:
+        os.stat(directory)
+    except OSError as exc:
+        reason = "a symbolic link that loops" if exc.errno == errno.ELOOP else "no such folder"
+        raise DatasetError(f"{directory}: {reason}") from None
     if not directory.is_dir():
-        raise DatasetError(f"{directory}: no such folder")
+        raise DatasetError(f"{directory}: not a folder")
     paths = episode_paths(directory)
     if not paths:
         raise DatasetError(f"{directory}: no episodes (*.npz files) in this folder")
+    steps, clipped, short, largest = 0, 0, 0, 0.0
     for path in paths:
         episode = load_episode(path)
         found = episode["action"].shape[1]
@@ -684,8 +705,23 @@ def iter_dataset(directory, action_size: int | None = None, image_size: int = IM
             raise DatasetError(f"{path}: action size {found}, expected {action_size}: was this dataset recorded on "
                                "another environment than the target?")
         if episode["image"].shape[1:3] != (image_size, image_size):
-            raise DatasetError(f"{path}: image size {episode['image'].shape[1:3]}, expected ({image_size}, {image_size})")
+            raise DatasetError(f"{path}: image size {episode['image'].shape[1:3]}, expected {(image_size, image_size)}")
+        outside = np.abs(episode["action"]).max()
+        if outside > 1:
+            clipped, largest = clipped + 1, max(largest, float(outside))
+            episode["action"] = np.clip(episode["action"], -1.0, 1.0)
+        short += len(episode["reward"]) < seq_len
+        steps += len(episode["reward"])
         yield episode
+    if steps < seq_len:
+        raise DatasetError(f"{directory}: {steps} steps in all, fewer than one training window of {seq_len} "
+                           "(--seq-len)")
+    if clipped:
+        print(f"note: {directory}: actions of {clipped} episode(s) lie outside [-1, 1] (up to {largest:.3g}); "
+              f"clipped, as the environments clip them")
+    if short:
+        print(f"note: {directory}: {short} of {len(paths)} episodes are shorter than a training window of {seq_len} "
+              f"steps; windows span episodes (is_first marks the seams)")
 
 
 def load_dataset(directory, action_size: int | None = None, image_size: int = IMAGE_SIZE) -> list[dict]:
@@ -705,9 +741,14 @@ def read_dataset_info(directory) -> dict | None:
     if not path.exists():
         return None
     try:
-        return json.loads(path.read_text())
+        info = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         raise DatasetError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(info, dict):
+        raise DatasetError(f"{path}: must hold a JSON object (how the episodes were made), not {type(info).__name__}")
+    if info.get("render") not in (None, *RENDERS):
+        raise DatasetError(f"{path}: render {info['render']!r} is not one of {', '.join(RENDERS)}")
+    return info
 
 
 # ---------------------------------------------------------------------------
@@ -929,7 +970,9 @@ def collect(env_name: str, policy: str, episodes: int, out, seed: int = 0, rende
     if not 0.0 <= epsilon[0] <= epsilon[1] <= 1.0:
         raise EnvError(f"epsilon must be a range inside [0, 1], got {epsilon}")
     out = pathlib.Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    if out.exists() and not out.is_dir():
+        raise DatasetError(f"{out}: a file, not a folder; collect into a new folder")
+    if out.exists() and any(out.iterdir()):
         raise DatasetError(f"{out}: not an empty folder; collect into a new folder")
     partial = out.with_name(f".{out.name}.partial")
     shutil.rmtree(partial, ignore_errors=True)
@@ -968,6 +1011,58 @@ def collect(env_name: str, policy: str, episodes: int, out, seed: int = 0, rende
     return summary
 
 
+def collect_once(env_name: str, policy: str, episodes: int, out, **kwargs) -> None:
+    """``collect`` into ``out`` unless it holds a dataset already. Processes that need the same one at the same
+    time take turns under a lock file beside it: the first builds it, the others wait and read it."""
+    out = pathlib.Path(out)
+    if read_dataset_info(out) is not None:  # built already: read it, even from a read-only folder
+        return
+    out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_builds(out.parent)
+    with locked(out.parent / f".{out.name}.lock", f"waiting for another process that is building {out}"):
+        if read_dataset_info(out) is None:
+            if out.exists():
+                raise DatasetError(f"{out}: a dataset folder without its {DATASET_INFO} (altered, or not made by "
+                                   f"collect); delete it and it is built again")
+            print(f"building a dataset of {episodes} {env_name} episodes ({policy} policy) in {out}")
+            collect(env_name, policy, episodes, out, **kwargs)
+
+
+@contextlib.contextmanager
+def locked(path, waiting: str | None = None, wait: bool = True):
+    """An exclusive lock on a lock file, removed when released; yields False instead of waiting when wait is False.
+    A holder removes the file, so a lock taken on a file that is gone is taken again on the path's new one."""
+    while True:
+        with open(path, "a") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if not wait:
+                    yield False
+                    return
+                if waiting:
+                    print(waiting)
+                fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                if os.stat(path).st_ino != os.fstat(lock.fileno()).st_ino:
+                    continue
+            except FileNotFoundError:
+                continue
+            try:
+                yield True
+            finally:
+                os.unlink(path)
+            return
+
+
+def remove_stale_builds(folder) -> None:
+    """Lock files and half-built datasets (.partial) a killed build left in ``folder``, where no build holds them."""
+    for lock in pathlib.Path(folder).glob(".*.lock"):
+        with locked(lock, wait=False) as free:
+            if free:
+                shutil.rmtree(lock.with_name(lock.name.removesuffix(".lock") + ".partial"), ignore_errors=True)
+
+
 # ---------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------
@@ -988,7 +1083,10 @@ def bench(steps: int = 100, names=BENCH_ENVS) -> None:
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse with one-line errors (exit code 2) instead of usage + error."""
+    """argparse with one-line errors (exit code 2) instead of usage + error, and no flag abbreviations."""
+
+    def __init__(self, **kwargs):
+        super().__init__(allow_abbrev=False, **kwargs)
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message}\n")
@@ -1004,6 +1102,16 @@ def _positive_int(text: str) -> int:
 _positive_int.__name__ = "positive integer"  # how argparse names the type in its error
 
 
+def _seed(text: str) -> int:
+    value = int(text)
+    if not 0 <= value < 2 ** 32:
+        raise ValueError(text)
+    return value
+
+
+_seed.__name__ = "seed (an integer in [0, 2**32))"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="envs.py", description="CoWorld environments and offline data.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -1012,7 +1120,7 @@ def build_parser() -> argparse.ArgumentParser:
     make.add_argument("--policy", required=True, choices=("random", "scripted"))
     make.add_argument("--episodes", required=True, type=_positive_int)
     make.add_argument("--out", required=True, help="new folder for the episodes")
-    make.add_argument("--seed", type=int, default=0)
+    make.add_argument("--seed", type=_seed, default=0)
     make.add_argument("--render", choices=RENDERS, default="default")
     make.add_argument("--max-steps", type=_positive_int, default=None)
     speed = commands.add_parser("bench", help="print steps per second of a task per family and the modified DMC")

@@ -1,13 +1,13 @@
 """Tests for CoWorld: run with `MUJOCO_GL=osmesa python -m pytest -q test_coworld.py`."""
 
 import contextlib
-import copy
 import dataclasses
 import json
 import math
 import os
 import pathlib
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -667,7 +667,10 @@ def test_cli_collect(tmp_path):
     (["collect", "--env", "dmc:walker_walk", "--policy", "scripted", "--episodes", "1", "--out", "OUT"], "Meta-World"),
     (["collect", "--env", "dmc:walker_walk", "--policy", "random", "--episodes", "0", "--out", "OUT"], "--episodes"),
     (["bench", "--steps", "many"], "--steps"),
-    (["collect", "--env", "dmc:walker_walk", "--policy", "random", "--episodes", "1", "--out", "FILE"], "not an empty folder"),
+    (["collect", "--env", "dmc:walker_walk", "--policy", "random", "--episodes", "1", "--out", "FILE"], "a file, not a folder"),
+    (["collect", "--env", "dmc:walker_walk", "--policy", "random", "--episodes", "1", "--out", "OUT", "--seed", "-1"],
+     "--seed"),
+    (["collect", "--env", "dmc:walker_walk", "--policy", "random", "--episode", "1", "--out", "OUT"], "--episode"),
     ([], "required"),
 ])
 def test_cli_bad_input_is_one_line_and_exit_code_2(tmp_path, args, message):
@@ -1394,7 +1397,7 @@ def test_ewc_penalty_by_hand():
     assert C.ewc_penalty(at_anchor, anchor, fisher, 10.0).item() == 0.0
     theta = [torch.tensor([2.0, -1.0], requires_grad=True), torch.tensor([[0.0]], requires_grad=True)]
     penalty = C.ewc_penalty(theta, anchor, fisher, 10.0)
-    assert float(penalty) == pytest.approx(5.0 * (0.2 * 1.0 + 3.0 * 1.0 + 4.0 * 0.25))
+    assert penalty.item() == pytest.approx(5.0 * (0.2 * 1.0 + 3.0 * 1.0 + 4.0 * 0.25))
     penalty.backward()
     torch.testing.assert_close(theta[0].grad, 10.0 * torch.tensor([0.2, 3.0]) * torch.tensor([1.0, 1.0]))
     torch.testing.assert_close(theta[1].grad, 10.0 * torch.tensor([[4.0]]) * torch.tensor([[-0.5]]))
@@ -1718,13 +1721,13 @@ def test_cli_bench_prints_what_an_issue_needs(tmp_path):
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     for kind in ("target", "source"):
-        line = next(l for l in lines if l.startswith(f"{kind} update:"))
+        line = next(line for line in lines if line.startswith(f"{kind} update:"))
         assert re.search(r"[1-9]\d* GFLOP .* peak memory \d+\.\d\d GB", line), line
-    assert any(re.match(r"acting: \d+ policy steps/s", l) for l in lines)
-    assert any(l.startswith("bf16 vs float32 over 2 updates") and l.endswith("ok") for l in lines)
-    assert sum("training from 300 dataset steps" in l for l in lines) == 2
+    assert any(re.match(r"acting: \d+ policy steps/s", line) for line in lines)
+    assert any(line.startswith("bf16 vs float32 over 2 updates") and line.endswith("ok") for line in lines)
+    assert sum("training from 300 dataset steps" in line for line in lines) == 2
     for kind in ("target", "source"):  # where the time goes, and how many operators run
-        at = next(i for i, l in enumerate(lines) if l.startswith(f"{kind} update profile:"))
+        at = next(i for i, line in enumerate(lines) if line.startswith(f"{kind} update profile:"))
         assert int(re.search(r"(\d+) top-level operator calls", lines[at]).group(1)) > 100
         assert "Self CPU" in lines[at + 2] and "aten::" in "".join(lines[at + 3: at + 8])
 
@@ -1732,7 +1735,7 @@ def test_cli_bench_prints_what_an_issue_needs(tmp_path):
 def kill_run_flags(tmp_path, name):
     return ["--source", "dmc:cartpole_balance", "--target", "dmc:cartpole_swingup",
             *tiny_flags(tmp_path / name, K1=6, K2=40, rounds=2, **{"pretrain-steps": 60, "target-episodes": 3,
-                                                                 "data-dir": tmp_path / "data"})]
+                                                                 "data-dir": tmp_path / "data", "eval-every": 4})]
 
 
 def run_summary(logdir):
@@ -1808,7 +1811,7 @@ def test_sigkill_at_any_point_then_resume_finishes_like_an_uninterrupted_run(tmp
     assert not list(tmp_path.rglob("*.partial"))
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGUSR2])
 def test_sigint_writes_a_checkpoint_and_exits_cleanly(tmp_path, uninterrupted, signum):
     flags = kill_run_flags(tmp_path, "run")
     process = subprocess.Popen([sys.executable, str(ROOT / "coworld.py"), *flags], cwd=ROOT,
@@ -1838,7 +1841,7 @@ def test_runs_building_the_same_default_dataset_take_turns(tmp_path):
                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
     outputs = [run.communicate(timeout=300) for run in runs]
     assert all(run.returncode == 0 for run in runs), [err for _, err in outputs]
-    assert sum("building a default dataset" in out for out, _ in outputs) == 1  # built once, read once
+    assert sum("building a dataset" in out for out, _ in outputs) == 1  # built once, read once
     folders = {out.strip().splitlines()[-1] for out, _ in outputs}
     assert folders == {str(tmp_path / "dmc-cartpole_swingup-random-fast-3ep-10steps-s0")}  # the episode length counts
     assert len(envs.load_dataset(folders.pop())) == 3
@@ -1846,8 +1849,9 @@ def test_runs_building_the_same_default_dataset_take_turns(tmp_path):
 
 
 def snapshot(*folders):
-    return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for folder in folders if folder.exists()
-            for p in sorted(folder.rglob("*"))}
+    """Every file's size and time, but a run folder's .lock (it names the PID of the last run that held it)."""
+    return {str(p): (p.lstat().st_size, p.lstat().st_mtime_ns) for folder in folders if folder.exists()
+            for p in sorted(folder.rglob("*")) if p.name != ".lock"}
 
 
 def write_dataset(folder, episodes):
@@ -1870,7 +1874,49 @@ def bad_input_cases(tmp_path):
     nan[1]["reward"][3] = np.nan
     (tmp_path / "empty").mkdir()
     (tmp_path / "a-file").write_text("x")
+    info_list = write_dataset(tmp_path / "info-list", good())
+    (info_list / "dataset.json").write_text("[1, 2, 3]")
+    info_render = write_dataset(tmp_path / "info-render", good())
+    (info_render / "dataset.json").write_text('{"render": "FAST"}')
+    flags = {key: good(1) for key in ("no-last", "all-last", "all-first", "huge-reward")}
+    flags["no-last"][0]["is_last"][:] = False
+    flags["all-last"][0]["is_last"][:] = True
+    flags["all-first"][0]["is_first"][:] = True
+    flags["huge-reward"][0]["reward"][5] = 3e38
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    ranges = {"--model-lr -1": "--model-lr must be above 0, got -1.0", "--model-lr nan": "--model-lr must be a finite",
+              "--adam-eps nan": "--adam-eps must be a finite", "--actor-lr inf": "--actor-lr must be a finite",
+              "--beta2 nan": "--beta2 must be a finite", "--free-nats nan": "--free-nats must be a finite",
+              "--grad-clip -1": "--grad-clip must be above 0", "--eta-start nan": "--eta-start must be a finite",
+              "--alpha -1": "--alpha must be at least 0", "--rho 2": "--rho must lie in [0, 1]",
+              "--prefill -5": "--prefill must be at least 0", "--rounds 0": "--rounds must be at least 1",
+              "--max-episode-steps 0": "--max-episode-steps must be at least 1",
+              "--stop-return nan": "--stop-return must be a finite", "--eval-every -1": "--eval-every must be at least 0"}
     return {
+        **{f"flag {flag}": (flag.split(), message) for flag, message in ranges.items()},
+        "flag prefix": (["--batch", "3"], "unrecognized arguments: --batch"),
+        "same source twice": (["--source", "dmc:cartpole_balance", "dmc:cartpole_balance"],
+                              "--source names dmc:cartpole_balance twice"),
+        "source is the target": (["--source", "dmc:cartpole_swingup"], "is also the --target"),
+        "logdir inside the data": (["--target-data", str(tmp_path / "empty"), "--logdir", str(tmp_path / "empty" / "run")],
+                                   "lies inside --target-data"),
+        "data dir is a file": (["--data-dir", str(tmp_path / "a-file")], "is a file, not a folder"),
+        "unwritable logdir": (["--logdir", "/proc/coworld-run"], "cannot write /proc/coworld-run"),
+        "dataset.json a list": (["--target-data", str(info_list)], "dataset.json: must hold a JSON object"),
+        "dataset.json render": (["--target-data", str(info_render)], "render 'FAST' is not one of default, fast"),
+        "one-step episode": (["--target-data", str(write_dataset(tmp_path / "one-step", [synthetic_episode(1, 1)]))],
+                             "an episode needs its reset frame and at least one transition"),
+        "no is_last": (["--target-data", str(write_dataset(tmp_path / "no-last", flags["no-last"]))],
+                       "is_last must be True at step 11 only, found at steps []"),
+        "every is_last": (["--target-data", str(write_dataset(tmp_path / "all-last", flags["all-last"]))],
+                          "is_last must be True at step 11 only"),
+        "every is_first": (["--target-data", str(write_dataset(tmp_path / "all-first", flags["all-first"]))],
+                           "is_first must be True at step 0 only"),
+        "huge reward": (["--target-data", str(write_dataset(tmp_path / "huge", flags["huge-reward"]))],
+                        "rewards up to 3e+38 in magnitude"),
+        "too few steps": (["--target-data", str(write_dataset(tmp_path / "few", good(1))), "--seq-len", "20"],
+                          "12 steps in all, fewer than one training window of 20"),
+        "symlink loop": (["--target-data", str(tmp_path / "loop")], "a symbolic link that loops"),
         "unknown task": (["--target", "dmc:cartpole_swingupp"], "valid: "),
         "unknown family": (["--source", "gym:cartpole"], "family one of metaworld, robodesk, dmc"),
         "malformed source": (["--source", "metaworld"], "use family:task"),
@@ -1887,10 +1933,10 @@ def bad_input_cases(tmp_path):
         "bad value": (["--k", "1.5"], "--k must lie in [0, 1]"),
         "bad compile": (["--compile", "sometimes"], "--compile must be auto, on or off"),
         "bad replay images": (["--replay-images", "tape"], "--replay-images must be disk or memory"),
-        "bad chunks": (["--chunks", "-2"], "chunks) must be positive"),
+        "bad chunks": (["--chunks", "-2"], "--chunks must be at least 1, got -2"),
         "zero checkpoint interval": (["--checkpoint-every", "0"], "--checkpoint-every"),
         "negative seed": (["--seed", "-1"], "--seed must lie in [0, 2**31)"),
-        "no target iterations": (["--K1", "0"], "--K1 (target iterations per round) must be at least 1"),
+        "no target iterations": (["--K1", "0"], "--K1 must be at least 1, got 0"),
         "finetune from two sources": (["--method", "dv2-finetune", "--source", "dmc:walker_walk", "dmc:cartpole_balance"],
                                       "dv2-finetune takes one --source"),
         "unwritable output": (["--logdir", str(tmp_path / "a-file" / "run")], "cannot write"),
@@ -2042,6 +2088,266 @@ def test_nan_losses_are_skipped_then_stop_the_run_with_the_checkpoint_intact(tmp
     assert "3 non-finite updates in a row" in err and "checkpoint.pt" in err
     state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
     assert all(torch.isfinite(v).all() for v in state["sources"][0]["model"].values() if v.is_floating_point())
+
+
+# -- a hostile but fair user (issue: nothing lost, nothing silent)
+
+def online_flags(run, steps=40, **overrides):
+    return ["online", "--env", "dmc:cartpole_balance", "--steps", str(steps), *tiny_flags(run, **overrides)]
+
+
+def offline_flags(run, **overrides):
+    return ["--method", "offline-dv2", "--target", "dmc:cartpole_swingup",
+            *tiny_flags(run, **{"K1": 3, "rounds": 1, "target-episodes": 2, "data-dir": run.parent / "data", **overrides})]
+
+
+def interrupted_run(argv, monkeypatch):
+    """A run stopped in its final evaluation: its checkpoint holds the whole training."""
+    evaluate = C.evaluate
+
+    def stop(*args, **kwargs):
+        raise C.Interrupted(signal.SIGTERM)
+    monkeypatch.setattr(C, "evaluate", stop)
+    assert C.main(argv) == 143
+    monkeypatch.setattr(C, "evaluate", evaluate)
+
+
+def test_a_tilde_in_a_path_is_the_home_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    assert C.main(online_flags("~/cw", steps=20)) == 0
+    assert (tmp_path / "home" / "cw" / "results.json").exists() and (tmp_path / "home" / "cw" / "videos").is_dir()
+    assert not (tmp_path / "~").exists()
+    cfg = C.parse_args(["--target-data", "~/data/x", "--data-dir", "~/d", "--logdir", "rel"])[1]
+    assert (cfg.target_data, cfg.data_dir, cfg.logdir) == (str(tmp_path / "home/data/x"), str(tmp_path / "home/d"),
+                                                           str(tmp_path / "rel"))
+
+
+def test_a_second_run_on_a_folder_stops_at_once_and_evaluate_needs_no_lock(tmp_path):
+    run = tmp_path / "run"
+    flags = ["--source", "dmc:cartpole_balance", "--target", "dmc:cartpole_swingup",
+             *tiny_flags(run, K1=200, rounds=1, **{"pretrain-steps": 40, "target-episodes": 2, "data-dir": tmp_path / "d"})]
+    first = subprocess.Popen([sys.executable, str(ROOT / "coworld.py"), *flags], cwd=ROOT, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 300
+        while not (run / "checkpoint.pt").exists() and time.time() < deadline and first.poll() is None:
+            time.sleep(0.1)
+        second = run_coworld_cli(*flags)
+        assert second.returncode == 2 and len(second.stderr.strip().splitlines()) == 1
+        assert f"{run} is in use by another run (PID {first.pid})" in second.stderr
+        assert run_coworld_cli("evaluate", *flags).returncode == 0  # it only reads
+        assert first.poll() is None  # the first run goes on, its files untouched
+    finally:
+        first.kill()
+        first.communicate()
+
+
+def test_a_full_disk_inside_torch_save_is_one_line_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, capsys):
+    argv = online_flags(tmp_path / "run", steps=60)
+    original, saves = torch.save, []
+
+    def disk_fills(obj, f, *args, **kwargs):
+        saves.append(1)
+        if len(saves) == 2:  # what torch's zip writer raises when the disk fills
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 5185600 vs 5185488")
+        return original(obj, f, *args, **kwargs)
+    monkeypatch.setattr(torch, "save", disk_fills)
+    monkeypatch.setattr(C.shutil, "disk_usage", lambda path: types.SimpleNamespace(free=0))
+    assert C.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"{tmp_path / 'run'}: No space left on device: the disk is full; the last checkpoint checkpoint.pt stands" in err
+    assert 0 < torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["progress"]["steps"] < 60
+
+
+def evil_pickle(marker):
+    class Evil:
+        def __reduce__(self):
+            return open, (str(marker), "w")
+    return {"version": C.CHECKPOINT_VERSION, "progress": {}, "sources": [], "target": None, "config": Evil()}
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("truncated", "damaged, not a readable checkpoint"), ("random bytes", "damaged"), ("empty", "damaged"),
+    ("text", "damaged"), ("foreign", "not a coworld.py checkpoint"), ("callable", "refused: it holds a Python object"),
+])
+def test_a_damaged_or_foreign_checkpoint_is_one_line_and_never_a_new_start(tmp_path, monkeypatch, capsys, damage, message):
+    run = tmp_path / "run"
+    interrupted_run(offline_flags(run), monkeypatch)
+    path, marker = run / "checkpoint.pt", tmp_path / "ran"
+    data = path.read_bytes()
+    if damage == "truncated":
+        path.write_bytes(data[: len(data) // 2])
+    elif damage == "random bytes":
+        path.write_bytes(np.random.default_rng(0).bytes(4096))
+    elif damage == "empty":
+        path.write_bytes(b"")
+    elif damage == "text":
+        path.write_text("this is not a checkpoint\n")
+    elif damage == "foreign":
+        torch.save({"a": 1}, path)
+    else:
+        torch.save(evil_pickle(marker), path)
+    before = snapshot(run)
+    capsys.readouterr()
+    for command in ([], ["evaluate"]):
+        assert C.main([*command, *offline_flags(run)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and f"{path}: {message}" in err and "Traceback" not in err, err
+    assert snapshot(run) == before and not marker.exists()  # nothing ran, nothing started over
+
+
+def test_a_checkpoint_loads_with_weights_only(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    interrupted_run(offline_flags(run), monkeypatch)
+    state = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert state["version"] == C.CHECKPOINT_VERSION and state["progress"]["steps"] == 3
+
+
+def test_the_offline_dataset_is_loaded_whole_whatever_the_replay_capacity(tmp_path):
+    data = write_dataset(tmp_path / "data", [synthetic_episode(20, action_size=1, seed=i) for i in range(2)])
+    cfg = C.parse_args(["--target", "dmc:cartpole_swingup", "--target-data", str(data), "--replay-capacity", "25",
+                        "--logdir", str(tmp_path / "run")])[1]
+    assert C.load_target_data(cfg).num_episodes == 2
+
+
+def test_a_replay_folder_that_lost_episodes_stops_the_resume(tmp_path, monkeypatch, capsys):
+    run = tmp_path / "run"
+    interrupted_run(online_flags(run), monkeypatch)
+    shutil.rmtree(run / "replay")
+    capsys.readouterr()
+    assert C.main(online_flags(run)) == 2
+    err = capsys.readouterr().err
+    assert "holds 0 episodes but" in err and "counted 2" in err and "episodes were removed" in err
+
+
+def test_odd_but_usable_data_is_said_once(tmp_path, capsys):
+    episodes = [synthetic_episode(12, action_size=1, seed=i) for i in range(3)]
+    episodes[1]["action"] *= 1e6
+    data = write_dataset(tmp_path / "data", episodes)
+    loaded = list(envs.iter_dataset(data, action_size=1, seq_len=16))
+    out = capsys.readouterr().out
+    assert out.count("note:") == 2 and "actions of 1 episode(s) lie outside [-1, 1]" in out
+    assert "3 of 3 episodes are shorter than a training window of 16" in out
+    assert np.abs(loaded[1]["action"]).max() == 1.0
+
+
+def test_a_default_dataset_folder_without_its_record_names_the_fix(tmp_path, capsys):
+    argv = ["--target", "dmc:cartpole_swingup", "--target-episodes", "1", "--max-episode-steps", "10",
+            "--data-dir", str(tmp_path / "data"), "--logdir", str(tmp_path / "run")]
+    folder = tmp_path / "data" / "dmc-cartpole_swingup-random-fast-1ep-10steps-s0"
+    write_dataset(folder, [synthetic_episode(11, action_size=1)])
+    assert C.main([*argv, "--method", "offline-dv2"]) == 2
+    assert f"{folder}: a dataset folder without its dataset.json" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_stale_build_leftovers_are_removed_when_no_build_holds_them(tmp_path):
+    data = tmp_path / "data"
+    (data / ".old-dataset.partial").mkdir(parents=True)
+    (data / ".old-dataset.lock").write_text("")
+    (data / ".busy.partial").mkdir()
+    with envs.locked(data / ".busy.lock"):  # a build in progress
+        envs.remove_stale_builds(data)
+        assert (data / ".busy.partial").exists() and (data / ".busy.lock").exists()
+    assert not (data / ".old-dataset.partial").exists() and not (data / ".old-dataset.lock").exists()
+    assert not (data / ".busy.lock").exists()  # its holder removed it when done
+
+
+def test_resuming_checks_the_checkpoint_before_building_any_data(tmp_path, monkeypatch, capsys):
+    run = tmp_path / "run"
+    argv = ["--method", "offline-dv2", "--target", "dmc:cartpole_swingup",
+            *tiny_flags(run, K1=2, rounds=1, **{"target-episodes": 1, "data-dir": tmp_path / "data"})]
+    assert C.main(argv) == 0
+    assert C.main([*argv, "--render", "default"]) == 2
+    assert "different config: render ('fast' -> 'default')" in capsys.readouterr().err
+    assert len(list((tmp_path / "data").iterdir())) == 1  # no default-render dataset was built first
+    assert C.main([*argv, "--replay-images", "memory"]) == 0  # harmless: it resumes (here: the finished run)
+
+
+def test_sigterm_while_the_default_dataset_is_built_says_interrupted(tmp_path):
+    process = subprocess.Popen([sys.executable, str(ROOT / "coworld.py"), "--target", "dmc:cartpole_swingup",
+                                "--method", "offline-dv2", "--target-episodes", "50", "--data-dir", str(tmp_path / "data"),
+                                "--logdir", str(tmp_path / "run")], cwd=ROOT, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not list((tmp_path / "data").glob(".*.partial/*.npz")) and time.time() < deadline:
+        time.sleep(0.1)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 143 and "interrupted" in err and "Traceback" not in err
+    assert not [p for p in (tmp_path / "data").iterdir() if not p.name.startswith(".")]  # no dataset left
+
+
+def test_damaged_metrics_lines_stop_a_resume_with_one_line(tmp_path, monkeypatch, capsys):
+    run = tmp_path / "run"
+    interrupted_run(offline_flags(run), monkeypatch)
+    lines = (run / "metrics.jsonl").read_bytes().splitlines(keepends=True)
+    (run / "metrics.jsonl").write_bytes(b"".join([lines[0], b"\xff\xfe garbage\n", *lines[2:]]))
+    capsys.readouterr()
+    assert C.main(offline_flags(run)) == 2
+    assert f"{run / 'metrics.jsonl'}: line 2 is damaged" in capsys.readouterr().err
+
+
+def test_flags_a_method_does_not_read_are_named(tmp_path, capsys):
+    argv = ["--method", "offline-dv2", "--target", "dmc:cartpole_swingup", "--source", "dmc:walker_walk",
+            "--no-state-alignment", "--logdir", str(tmp_path / "run")]
+    notes = C.parse_args(argv)[2]
+    assert notes == ["--method offline-dv2 does not use --source, --state-alignment"]
+    assert C.parse_args(argv[:4] + argv[7:])[2] == []
+    with pytest.raises(C.ConfigError, match="online needs --env"):
+        C.parse_args(["online", "--steps", "10"])
+
+
+def test_bench_checks_its_flags_before_any_work():
+    import bench
+    for flags, message in ((["--replay-steps", "-5"], "--replay-steps must be at least 0"),
+                           (["--updates", "0"], "--updates must be at least 1"), (["--update", "3"], "unrecognized")):
+        with pytest.raises(C.ConfigError, match=message):
+            bench.parse_args(flags)
+
+
+def test_evaluate_reproduces_the_runs_results(tmp_path, capsys):
+    argv = offline_flags(tmp_path / "run", **{"eval-episodes": 2})
+    assert C.main(argv) == 0
+    results = json.loads((tmp_path / "run" / "results.json").read_text())["eval"]
+    for _ in range(2):  # a function of the weights and the seed: the same numbers each time
+        capsys.readouterr()
+        assert C.main(["evaluate", *argv]) == 0
+        assert json.loads(capsys.readouterr().out) == results
+
+
+def test_periodic_evaluation_logs_learning_curves_without_moving_the_training(tmp_path):
+    assert C.main(offline_flags(tmp_path / "a", K1=4, rounds=2, **{"eval-every": 3})) == 0
+    assert C.main(offline_flags(tmp_path / "b", K1=4, rounds=2, **{"eval-every": 0})) == 0
+    log = {run: [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+           for run in "ab"}
+    evals = [line for line in log["a"] if "eval/return_mean" in line]
+    assert [line["step"] for line in evals] == [3, 6, 8]  # every 3 target updates, then the final evaluation
+    assert all({"eval/return_std", "eval/value_estimate", "eval/true_value"} <= line.keys() for line in evals)
+    training = {run: [{k: v for k, v in line.items() if k != "time"} for line in log[run] if "target/model_loss" in line]
+                for run in "ab"}
+    assert training["a"] == training["b"]  # its own random streams: training computes the same with or without it
+
+
+def test_wandb_logs_the_same_scalars_offline(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    assert C.main([*online_flags(tmp_path / "run", steps=20), "--wandb", "coworld-test"]) == 0
+    runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
+
+
+def test_wandb_without_the_package_names_it(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "wandb", None)
+    assert C.main([*online_flags(tmp_path / "run", steps=20), "--wandb", "p"]) == 2
+    assert "--wandb needs the wandb package: pip install wandb" in capsys.readouterr().err
+
+
+def test_a_readme_named_quadruped_task_runs():
+    with envs.make_env("dmc:quadruped_run", render="fast", max_steps=3) as env:
+        assert len(play(env)) == 4
 
 
 # ---- The README stays true ----
