@@ -394,7 +394,7 @@ def _half_size(sim, body: str) -> np.ndarray:
     model = sim.physics.model
     geom = model.body_geomadr[model.name2id(body, "body")]
     size = model.geom_size[geom].copy()
-    return np.full(3, size[0]) if model.geom_type[geom] == 2 else size  # 2: mjGEOM_SPHERE
+    return np.full(3, size[0]) if model.geom_type[geom] == _mujoco().mjtGeom.mjGEOM_SPHERE else size
 
 
 def _toward(sim, target, gain: float = 2.0) -> np.ndarray:
@@ -439,6 +439,10 @@ def _action(xyz, wrist: float = 0.0, grip: float = 0.0) -> np.ndarray:
     return np.array([*xyz, wrist, grip])
 
 
+def _robodesk_expert_names() -> str:
+    return ", ".join(f"robodesk:{task}" for task in _ROBODESK_EXPERTS)
+
+
 def _expert_push_button(color: str) -> Callable:
     """Over the button at a safe height, then down onto it with closed fingers and on through its
     5 mm of travel (success: its light's joint below -4.53 mm)."""
@@ -448,10 +452,10 @@ def _expert_push_button(color: str) -> Callable:
         ee, button = data.site_xpos["end_effector"], data.xpos[f"{color}_button"]
         top = button[2] + _BUTTON_TOP
         off_center = np.linalg.norm(ee[:2] - button[:2])
-        if off_center < 0.015:
+        if off_center < 0.015:  # over the button's middle (its radius: 3 cm)
             height = top - 0.03  # aim below the top: the lagging servo presses the button down
         elif off_center < 0.04:
-            height = top + 0.02
+            height = top + 0.02  # nearly over it: come down to just above it
         else:
             height = top + 0.08  # clear the other buttons and the ball on the way
         return _action(_toward(sim, [button[0], button[1], height]), _wrist_toward(sim, vertical=False), -1.0)
@@ -468,12 +472,13 @@ def _expert_open_slide(sim, state: dict) -> np.ndarray:
     data = sim.physics.named.data
     ee, handle = data.site_xpos["end_effector"], data.site_xpos["slide_handle"]
     beside = handle[0] - 0.045  # bar radius 1.4 cm + half a finger + a margin
-    if ee[0] < handle[0] - 0.02 and abs(ee[1] - handle[1]) < 0.015 and abs(ee[2] - handle[2]) < 0.03:
+    in_line = abs(ee[1] - handle[1]) < 0.015 and abs(ee[2] - handle[2]) < 0.03  # between the bar's two arms
+    if ee[0] < handle[0] - 0.02 and in_line:
         target = [ee[0] + 1.0, handle[1], handle[2]]  # against the bar: push
     elif ee[0] < handle[0] - 0.03:
         target = [beside, handle[1], handle[2]]  # left of the bar: straight in
-    else:
-        target = [beside, min(ee[1], handle[1] - 0.09), handle[2]]  # right of it: pass in front, fingertips too
+    else:  # right of it: pass 9 cm in front (bar radius, the fingertips' 5 cm, a margin)
+        target = [beside, min(ee[1], handle[1] - 0.09), handle[2]]
     return _action(_toward(sim, target), _wrist_toward(sim, vertical=True), -1.0)
 
 
@@ -495,7 +500,8 @@ def _expert_open_drawer(sim, state: dict) -> np.ndarray:
     if state.get("hook") == "wall":
         surface = drawer + [0.2, _DRAWER_WALL_Y, 0.03]  # clear of the side wall (x 0.22), 1.5 cm below the top
     else:
-        surface = drawer + _DRAWER_BAR + [0.045, 0.014, 0.0]  # the bar's back, clear of the arms holding it
+        # the bar's back (radius 1.4 cm), 4.5 cm right of its middle: clear of the arms at x 0.082
+        surface = drawer + _DRAWER_BAR + [0.045, 0.014, 0.0]
     hook = surface + [0.0, 0.02, 0.0]  # fingertips 2 cm behind the face they pull on
     hover = _DESK_TOP_Z - 0.03  # fingertips above the bar (top 0.68) and the drawer's walls (0.705)
     if abs(tips[0] - hook[0]) < 0.02 and tips[1] > surface[1] and tips[2] < hook[2] + 0.015:
@@ -578,8 +584,7 @@ class RoboDeskEnv(Env):
         simulator's state); an EnvError for a task that has none."""
         expert = _ROBODESK_EXPERTS.get(self._task)
         if expert is None:
-            raise EnvError(f"{self.name} has no scripted expert; RoboDesk's experts are for "
-                           f"{', '.join('robodesk:' + task for task in _ROBODESK_EXPERTS)}")
+            raise EnvError(f"{self.name} has no scripted expert; RoboDesk's experts are for {_robodesk_expert_names()}")
         return np.clip(expert(self._sim, self._expert_state), -1.0, 1.0)
 
     def _reseed(self, seed):
@@ -1149,9 +1154,8 @@ def collect(env_name: str, policy: str, episodes: int, out, seed: int = 0, rende
     if policy not in ("random", "scripted"):
         raise EnvError(f"unknown policy {policy!r}; valid: random, scripted")
     if policy == "scripted" and not has_expert(env_name):
-        raise EnvError(f"{env_name} has no scripted expert (Meta-World tasks and "
-                       f"{', '.join('robodesk:' + task for task in _ROBODESK_EXPERTS)} have one); "
-                       f"valid policies for it: random")
+        raise EnvError(f"{env_name} has no scripted expert (Meta-World tasks and {_robodesk_expert_names()} "
+                       f"have one); valid policies for it: random")
     if not 0.0 <= epsilon[0] <= epsilon[1] <= 1.0:
         raise EnvError(f"epsilon must be a range inside [0, 1], got {epsilon}")
     out = pathlib.Path(out)
@@ -1209,18 +1213,17 @@ def evaluate_expert(env_name: str, episodes: int = 20, seed: int = 0, render: st
     if episodes < 1:
         raise ValueError(f"episodes must be at least 1, got {episodes}")
     if not has_expert(env_name):
-        raise EnvError(f"{env_name} has no scripted expert (Meta-World tasks and "
-                       f"{', '.join('robodesk:' + task for task in _ROBODESK_EXPERTS)} have one)")
+        raise EnvError(f"{env_name} has no scripted expert (Meta-World tasks and {_robodesk_expert_names()} have one)")
     returns, first_success, begin = [], [], time.perf_counter()
     with make_env(env_name, seed=seed, render=render, max_steps=max_steps) as env, \
             tqdm(total=episodes, desc=f"{env_name} expert", unit="episode") as bar:
         for episode in range(episodes):
-            obs, total, first = env.reset(seed=seed + episode), 0.0, None
+            obs, total, first, step = env.reset(seed=seed + episode), 0.0, None, 0
             while not obs["is_last"]:
-                obs = env.step(env.expert_action())
+                obs, step = env.step(env.expert_action()), step + 1
                 total += obs["reward"]
                 if first is None and obs.get("success"):
-                    first = env._steps
+                    first = step
             returns.append(total)
             first_success.append(first)
             bar.set_postfix({"return": f"{total:.1f}", "success": "no" if first is None else f"step {first}"})
@@ -1281,7 +1284,7 @@ def build_parser() -> argparse.ArgumentParser:
     make.add_argument("--seed", type=int, default=0)
     make.add_argument("--render", choices=RENDERS, default="default")
     make.add_argument("--max-steps", type=_positive_int, default=None)
-    check = commands.add_parser("expert", help="success rate, mean return and steps to success of a task's scripted expert")
+    check = commands.add_parser("expert", help="success rate, mean return and steps to success of a scripted expert")
     check.add_argument("--env", required=True, help="family:task with a scripted expert, e.g. robodesk:open_slide")
     check.add_argument("--episodes", type=_positive_int, default=20)
     check.add_argument("--seed", type=int, default=0, help="episode i is reset with seed S + i")

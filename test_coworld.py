@@ -724,7 +724,8 @@ def test_cli_expert_prints_success_rate_return_and_steps(tmp_path):
     assert (summary["env"], summary["render"], summary["episodes"], summary["max_steps"]) == (
         "robodesk:push_green", "fast", 1, 80)
     assert summary["success_rate"] == 1.0 and summary["mean_steps_to_success"] == 65.0
-    assert summary["steps_to_success"] == [65] and summary["mean_return"] == pytest.approx(summary["returns"][0], abs=0.01)
+    assert summary["steps_to_success"] == [65]
+    assert summary["mean_return"] == pytest.approx(summary["returns"][0], abs=0.01)
 
 
 def test_collect_rejects_bad_requests(tmp_path):
