@@ -1566,9 +1566,11 @@ def write_video(path, frames):
 # -- datasets ----------------------------------------------------------------------------------
 
 def default_dataset_policy(cfg):
+    """auto: the task's scripted expert mixed with random actions where it has one (Meta-World; RoboDesk's four
+    paper targets), uniformly random actions elsewhere."""
     if cfg.dataset_policy != "auto":
         return cfg.dataset_policy
-    return "scripted" if family(cfg.target) == "metaworld" else "random"
+    return "scripted" if envs.has_expert(cfg.target) else "random"
 
 
 def load_target_data(cfg):

@@ -16,6 +16,7 @@ every file and `Replay` samples fixed-length windows from the episodes.
 Command line::
 
     python envs.py collect --env metaworld:window-close --policy scripted --episodes 50 --out DIR
+    python envs.py expert --env robodesk:push_green --episodes 20 --render fast
     python envs.py bench --steps 100
 """
 
@@ -355,6 +356,210 @@ def _global_numpy_rng(state: np.random.RandomState):
         np.random.set_state(saved)
 
 
+# ---------------------------------------------------------------------------
+# RoboDesk scripted experts
+# ---------------------------------------------------------------------------
+#
+# RoboDesk has no scripted policies of its own. These act on the simulator's
+# state (end-effector site, handles, buttons, blocks), never on pixels, so the
+# render setting cannot change what they do. How the 5-d action moves the arm
+# (robodesk.py, RoboDesk._convert_action): a[0:3] puts an inverse-kinematics
+# target a[0:3] * 1 cm from where the end effector is, a[3] turns the wrist
+# (joint 7) by up to 0.059 rad, a[4] sets the finger opening (-1 closed, +1
+# open). The joint servos lag that target, so the hand moves at most ~1.65 mm
+# a step along each axis (~0.8 m in a 500-step episode), and ~0.5 mm a step when
+# it drags the slide or the drawer (5 N of joint friction each). The inverse
+# kinematics place the hand's position only: where the fingers point drifts
+# with the path, so it is read from the simulator, never assumed.
+
+# Geometry of RoboDesk 1.0.0's desk.xml, world frame, metres.
+_DESK_TOP_Z = 0.76  # top of the desk's top plate (box centre z 0.735, half-height 0.025)
+_DESK_FRONT_Y = 0.575  # front edge of that plate (desk at y 0.85, half-depth 0.275)
+_DRAWER_BAR = np.array([0.0, -0.36, 0.01])  # the drawer handle's bar (a capsule along x), drawer frame
+_DRAWER_WALL_Y = -0.24  # inner face of the drawer's front wall (box at y -0.25, half-thickness 0.01), drawer frame
+_BUTTON_TOP = 0.03  # a button's top above its body (cylinder centre +0.02, half-height 0.01)
+_FINGER_REACH = 0.05  # the fingertips lie 5 cm beyond the end-effector site along the fingers
+_GRIP_STEPS = 8  # steps the open fingers take to close on a block
+_LIFT = 0.10  # carry a block 10 cm above where it stood: clear of the flat block (3 cm) and the ball (8 cm)
+
+
+def _hand_pointing(sim) -> np.ndarray:
+    """Unit vector along the fingers (the end-effector site's z axis, which is also joint 7's axis)."""
+    return sim.physics.named.data.site_xmat["end_effector"].reshape(3, 3)[:, 2].copy()
+
+
+def _fingertips(sim) -> np.ndarray:
+    return sim.physics.named.data.site_xpos["end_effector"] + _FINGER_REACH * _hand_pointing(sim)
+
+
+def _half_size(sim, body: str) -> np.ndarray:
+    """Half extents of a block (the one geom of ``body``; a ball's radius on every axis)."""
+    model = sim.physics.model
+    geom = model.body_geomadr[model.name2id(body, "body")]
+    size = model.geom_size[geom].copy()
+    return np.full(3, size[0]) if model.geom_type[geom] == _mujoco().mjtGeom.mjGEOM_SPHERE else size
+
+
+def _toward(sim, target, gain: float = 2.0) -> np.ndarray:
+    """a[0:3] that moves the end effector straight at ``target``: full speed until it is 1 cm / gain
+    away, then proportionally. A hand below the desk top in front of the desk rises above the top
+    before it goes over it, instead of running into its front edge."""
+    ee = sim.physics.named.data.site_xpos["end_effector"]
+    target = np.array(target, dtype=float)
+    if ee[1] < _DESK_FRONT_Y and ee[2] < _DESK_TOP_Z + 0.03 and target[1] > _DESK_FRONT_Y:
+        target[1] = _DESK_FRONT_Y - 0.08  # the fingertips reach up to 5 cm further forward
+        target[2] = max(target[2], _DESK_TOP_Z + 0.06)
+    return np.clip((target - ee) / sim.end_effector_scale * gain, -1.0, 1.0)
+
+
+def _wrist_toward(sim, vertical: bool) -> float:
+    """a[3] that turns the wrist until the fingers open horizontally (side by side: a hand that is
+    thin from above) or, with vertical=True, as vertically as the hand's pointing allows (stacked:
+    a hand that is thin from the side)."""
+    pointing = _hand_pointing(sim)
+    opening = sim.physics.named.data.xmat["panda0_leftfinger"].reshape(3, 3)[:, 1]  # the finger joint's axis
+    turning = np.cross(pointing, opening)  # where the opening axis goes as the wrist turns
+    turn = np.arctan2(turning[2], opening[2]) if vertical else np.arctan2(-opening[2], turning[2])
+    turn = (turn + np.pi / 2) % np.pi - np.pi / 2  # the two fingers are alike: the nearer of two turns
+    low, high = sim.physics.model.jnt_range[6]
+    if not low <= sim.physics.data.qpos[6] + turn <= high:
+        turn -= np.sign(turn) * np.pi
+    return float(np.clip(turn / (sim.wrist_scale * sim.joint_bounds[6][1]), -1.0, 1.0))
+
+
+def _along_fingers(sim, goal: np.ndarray, back: float = 0.13, rate: float = 3.0) -> np.ndarray:
+    """A target that brings the hand to ``goal`` along its own fingers: ``back`` behind the goal on
+    the fingers' line while the hand is off that line, closing in as the sideways error shrinks, so
+    open fingers arrive either side of a block instead of knocking it over (0.13 m: the fingertips
+    reach 5 cm, a block is up to 5 cm wide)."""
+    error = goal - sim.physics.named.data.site_xpos["end_effector"]
+    pointing = _hand_pointing(sim)
+    sideways = error - np.dot(error, pointing) * pointing
+    return goal - min(back, rate * np.linalg.norm(sideways)) * pointing
+
+
+def _action(xyz, wrist: float = 0.0, grip: float = 0.0) -> np.ndarray:
+    return np.array([*xyz, wrist, grip])
+
+
+def _robodesk_expert_names() -> str:
+    return ", ".join(f"robodesk:{task}" for task in _ROBODESK_EXPERTS)
+
+
+def _expert_push_button(color: str) -> Callable:
+    """Over the button at a safe height, then down onto it with closed fingers and on through its
+    5 mm of travel (success: its light's joint below -4.53 mm)."""
+
+    def expert(sim, state: dict) -> np.ndarray:
+        data = sim.physics.named.data
+        ee, button = data.site_xpos["end_effector"], data.xpos[f"{color}_button"]
+        top = button[2] + _BUTTON_TOP
+        off_center = np.linalg.norm(ee[:2] - button[:2])
+        if off_center < 0.015:  # over the button's middle (its radius: 3 cm)
+            height = top - 0.03  # aim below the top: the lagging servo presses the button down
+        elif off_center < 0.04:
+            height = top + 0.02  # nearly over it: come down to just above it
+        else:
+            height = top + 0.08  # clear the other buttons and the ball on the way
+        return _action(_toward(sim, [button[0], button[1], height]), _wrist_toward(sim, vertical=False), -1.0)
+
+    return expert
+
+
+def _expert_open_slide(sim, state: dict) -> np.ndarray:
+    """To the left of the slide's handle (a vertical bar), passing in front of it when the hand
+    starts to its right, then push it right (success: the slide joint beyond 0.55 of its 0.6 m).
+
+    Pushing the slide moves the hand only ~0.5-0.65 mm a step, so the 0.35-0.55 m that success needs
+    takes longer than a 500-step episode: the expert opens the slide as far as the episode allows."""
+    data = sim.physics.named.data
+    ee, handle = data.site_xpos["end_effector"], data.site_xpos["slide_handle"]
+    beside = handle[0] - 0.045  # bar radius 1.4 cm + half a finger + a margin
+    in_line = abs(ee[1] - handle[1]) < 0.015 and abs(ee[2] - handle[2]) < 0.03  # between the bar's two arms
+    if ee[0] < handle[0] - 0.02 and in_line:
+        target = [ee[0] + 1.0, handle[1], handle[2]]  # against the bar: push
+    elif ee[0] < handle[0] - 0.03:
+        target = [beside, handle[1], handle[2]]  # left of the bar: straight in
+    else:  # right of it: pass 9 cm in front (bar radius, the fingertips' 5 cm, a margin)
+        target = [beside, min(ee[1], handle[1] - 0.09), handle[2]]
+    return _action(_toward(sim, target), _wrist_toward(sim, vertical=True), -1.0)
+
+
+def _expert_open_drawer(sim, state: dict) -> np.ndarray:
+    """Hook the fingertips behind the handle's bar and pull; once the drawer's inside is out from
+    under the desk top (or the bar stops coming), hook them behind the front wall from inside the
+    drawer, 20 cm to the side, and pull on (success: the drawer joint below -0.2).
+
+    The second hook exists because the bar cannot be pulled that close to the robot: the elbow
+    reaches its joint limit, which the package's inverse kinematics ignore. Pulling moves the hand
+    ~0.45 mm a step, so most 500-step episodes end with the drawer part open."""
+    data = sim.physics.named.data
+    ee, tips, drawer = data.site_xpos["end_effector"], _fingertips(sim), data.xpos["drawer"]
+    opened = -float(data.qpos["drawer_joint"][0])
+    if opened > state.get("opened", 0.0) + 1e-3:
+        state["opened"], state["stalled"] = opened, 0
+    if opened > 0.065 or state.get("stalled", 0) > 30:
+        state["hook"] = "wall"  # 6.5 cm out: 3 cm of the inside clear of the desk top
+    if state.get("hook") == "wall":
+        surface = drawer + [0.2, _DRAWER_WALL_Y, 0.03]  # clear of the side wall (x 0.22), 1.5 cm below the top
+    else:
+        # the bar's back (radius 1.4 cm), 4.5 cm right of its middle: clear of the arms at x 0.082
+        surface = drawer + _DRAWER_BAR + [0.045, 0.014, 0.0]
+    hook = surface + [0.0, 0.02, 0.0]  # fingertips 2 cm behind the face they pull on
+    hover = _DESK_TOP_Z - 0.03  # fingertips above the bar (top 0.68) and the drawer's walls (0.705)
+    if abs(tips[0] - hook[0]) < 0.02 and tips[1] > surface[1] and tips[2] < hook[2] + 0.015:
+        tip_target = [hook[0], tips[1] - 0.05, hook[2]]  # hooked: pull
+        state["stalled"] = state.get("stalled", 0) + 1
+    elif np.linalg.norm(tips[:2] - hook[:2]) < 0.015:
+        tip_target = hook  # above the hook: down
+    elif tips[2] > hover - 0.02:
+        tip_target = [hook[0], hook[1], hover]  # over to the hook
+    else:
+        tip_target = [tips[0], tips[1], hover]  # up first
+    return _action(_toward(sim, np.asarray(tip_target) - (tips - ee)), 0.0, -1.0)
+
+
+def _expert_block_off_table(block: str) -> Callable:
+    """Grasp the block from behind along the fingers, lift it above the other blocks, carry it over
+    the desk's front edge and let go (success: the block below z 0.6, the other two not moved). The
+    front edge, not the right one: at the blocks' depth the arm cannot reach past the right edge."""
+
+    def expert(sim, state: dict) -> np.ndarray:
+        data = sim.physics.named.data
+        ee, center, size = data.site_xpos["end_effector"], data.xpos[block].copy(), _half_size(sim, block)
+        if center[2] < _DESK_TOP_Z - 0.05:
+            return _action([0.0, 0.0, 0.0], 0.0, 1.0)  # off the table: done, keep still
+        grasp = center + [0.0, 0.0, size[2] - 0.05]  # the fingers' middle 5 cm below its top
+        closed = state.get("closed", 0)
+        if closed >= _GRIP_STEPS and np.linalg.norm(grasp - ee) > 0.04:
+            closed = 0  # dropped or knocked away: grasp again
+        if not closed and np.linalg.norm(grasp - ee) > 0.012:
+            return _action(_toward(sim, _along_fingers(sim, grasp)), _wrist_toward(sim, vertical=False), 1.0)
+        state["closed"] = closed + 1
+        if state["closed"] < _GRIP_STEPS:
+            return _action(_toward(sim, grasp), 0.0, -1.0)
+        target = [ee[0], _DESK_FRONT_Y - 0.1, sim.original_pos[block][2] + (size[2] - 0.05) + _LIFT]
+        for other in ("flat_block", "upright_block", "ball"):
+            where, half = data.xpos[other], _half_size(sim, other)
+            in_the_way = (other != block and center[1] > where[1]  # still behind it...
+                          and abs(center[0] - where[0]) < size[0] + half[0] + 0.015  # ...in line with it...
+                          and center[2] - size[2] < where[2] + half[2] + 0.015)  # ...and not above it yet
+            if in_the_way:
+                target[1] = max(target[1], where[1] + half[1] + size[1] + 0.015)
+        over_edge = center[1] < _DESK_FRONT_Y - 0.01
+        return _action(_toward(sim, target), 0.0, 1.0 if over_edge else -1.0)
+
+    return expert
+
+
+_ROBODESK_EXPERTS = {  # the paper's four RoboDesk targets
+    "open_slide": _expert_open_slide,
+    "push_green": _expert_push_button("green"),
+    "open_drawer": _expert_open_drawer,
+    "upright_block_off_table": _expert_block_off_table("upright_block"),
+}
+
+
 class RoboDeskEnv(Env):
     """RoboDesk 1.0.0: 5-d actions, dense reward in [0, 1], the task's own success."""
 
@@ -368,6 +573,7 @@ class RoboDeskEnv(Env):
         # (~400 ms each); we render once per step with our persistent camera.
         self._sim._get_obs = lambda: None
         self._rng = np.random.RandomState(seed)
+        self._task, self._expert_state = task, {}
         view = mujoco.MjvCamera()  # the free camera of RoboDesk.render()
         view.type = mujoco.mjtCamera.mjCAMERA_FREE
         view.distance, view.azimuth, view.elevation = 1.8, 90, -60
@@ -375,6 +581,14 @@ class RoboDeskEnv(Env):
         physics = self._sim.physics
         camera = _Camera(physics.model.ptr, physics.data.ptr, 120, view, render == "fast", finish=_robodesk_finish)
         super().__init__(f"robodesk:{task}", 5, 1, max_steps or 500, render, camera)
+
+    def expert_action(self) -> np.ndarray:
+        """The scripted expert's action for the current state (the RoboDesk experts above, from the
+        simulator's state); an EnvError for a task that has none."""
+        expert = _ROBODESK_EXPERTS.get(self._task)
+        if expert is None:
+            raise EnvError(f"{self.name} has no scripted expert; RoboDesk's experts are for {_robodesk_expert_names()}")
+        return np.clip(expert(self._sim, self._expert_state), -1.0, 1.0)
 
     def _reseed(self, seed):
         self._rng = np.random.RandomState(seed)
@@ -385,6 +599,7 @@ class RoboDeskEnv(Env):
         # The package stores views into physics memory, so "did the block move"
         # would compare each block with itself; keep the positions at reset.
         self._sim.original_pos = {key: np.array(pos) for key, pos in self._sim.original_pos.items()}
+        self._expert_state = {}  # what an expert remembers within an episode (its hook, its grip)
 
     def _step_sim(self, action):
         _, reward, _, _ = self._sim.step(action)
@@ -518,6 +733,18 @@ def check_env_name(name: str) -> tuple[str, str]:
     if task not in _tasks(family):
         raise EnvError(f"unknown {family} task {task!r}; valid: {', '.join(_tasks(family))}")
     return family, task
+
+
+def has_expert(env_name: str) -> bool:
+    """Whether ``family:task`` has a scripted expert, i.e. whether ``collect(..., policy="scripted")``
+    and ``expert_action()`` work: Meta-World tasks with a metaworld.policies policy and the RoboDesk
+    tasks of _ROBODESK_EXPERTS; DMC has none."""
+    family, task = check_env_name(env_name)
+    if family == "metaworld":
+        with _gl_errors():
+            from metaworld.policies import ENV_POLICY_MAP
+        return f"{task}-v3" in ENV_POLICY_MAP
+    return family == "robodesk" and task in _ROBODESK_EXPERTS
 
 
 @functools.cache
@@ -934,7 +1161,7 @@ def episode_from_steps(steps: list[tuple[dict, np.ndarray]]) -> dict:
     return episode
 
 
-def _scripted_policy(env: MetaWorldEnv, epsilon: float, rng: np.random.Generator, hold: int = 10) -> Callable:
+def _scripted_policy(env: Env, epsilon: float, rng: np.random.Generator, hold: int = 10) -> Callable:
     """The scripted expert, replaced by a random action (held ``hold`` steps) in
     a fraction ``epsilon`` of the blocks, so returns spread from random to expert."""
     state = {"t": 0, "random": None}
@@ -952,8 +1179,10 @@ def collect(env_name: str, policy: str, episodes: int, out, seed: int = 0, rende
             max_steps: int | None = None, epsilon: tuple[float, float] = (0.5, 1.0)) -> dict:
     """Collect ``episodes`` episodes into the empty folder ``out`` and write dataset.json.
 
-    policy: "random" (uniform actions, any env) or "scripted" (Meta-World's
-    experts; each episode draws its epsilon uniformly from ``epsilon``).
+    policy: "random" (uniform actions, any env) or "scripted" (the task's
+    scripted expert where has_expert(): Meta-World's metaworld.policies, the
+    RoboDesk experts of this file; each episode draws its epsilon uniformly
+    from ``epsilon``).
     The episodes go to a hidden folder beside ``out`` that becomes ``out`` when
     complete: a killed collection leaves no partial dataset, and the next one
     starts over. Returns (and prints) a summary: episodes, steps, return
@@ -965,8 +1194,9 @@ def collect(env_name: str, policy: str, episodes: int, out, seed: int = 0, rende
         raise ValueError(f"episodes must be at least 1, got {episodes}")
     if policy not in ("random", "scripted"):
         raise EnvError(f"unknown policy {policy!r}; valid: random, scripted")
-    if policy == "scripted" and not env_name.startswith("metaworld:"):
-        raise EnvError(f"the scripted policy exists for Meta-World tasks only, not {env_name}; use random")
+    if policy == "scripted" and not has_expert(env_name):
+        raise EnvError(f"{env_name} has no scripted expert (Meta-World tasks and {_robodesk_expert_names()} "
+                       f"have one); valid policies for it: random")
     if not 0.0 <= epsilon[0] <= epsilon[1] <= 1.0:
         raise EnvError(f"epsilon must be a range inside [0, 1], got {epsilon}")
     out = pathlib.Path(out)
@@ -1068,6 +1298,45 @@ def remove_stale_builds(folder) -> None:
 # ---------------------------------------------------------------------------
 
 
+def evaluate_expert(env_name: str, episodes: int = 20, seed: int = 0, render: str = "default",
+                    max_steps: int | None = None) -> dict:
+    """Run the scripted expert alone (epsilon 0) for ``episodes`` episodes, episode i reset with seed
+    ``seed + i``, and return (and print) its success rate, mean return and mean steps to the first
+    success (None when no episode succeeded). An episode succeeds when any of its steps does."""
+    from tqdm import tqdm
+
+    if episodes < 1:
+        raise ValueError(f"episodes must be at least 1, got {episodes}")
+    if not has_expert(env_name):
+        raise EnvError(f"{env_name} has no scripted expert (Meta-World tasks and {_robodesk_expert_names()} have one)")
+    returns, first_success, begin = [], [], time.perf_counter()
+    with make_env(env_name, seed=seed, render=render, max_steps=max_steps) as env, \
+            tqdm(total=episodes, desc=f"{env_name} expert", unit="episode") as bar:
+        for episode in range(episodes):
+            obs, total, first, step = env.reset(seed=seed + episode), 0.0, None, 0
+            while not obs["is_last"]:
+                obs, step = env.step(env.expert_action()), step + 1
+                total += obs["reward"]
+                if first is None and obs.get("success"):
+                    first = step
+            returns.append(total)
+            first_success.append(first)
+            bar.set_postfix({"return": f"{total:.1f}", "success": "no" if first is None else f"step {first}"})
+            bar.update(1)
+        episode_steps = env.max_steps
+    reached = [step for step in first_success if step is not None]
+    summary = {
+        "env": env_name, "render": render, "seed": seed, "episodes": episodes, "max_steps": episode_steps,
+        "success_rate": float(np.mean([step is not None for step in first_success])),
+        "mean_return": float(np.mean(returns)),
+        "mean_steps_to_success": float(np.mean(reached)) if reached else None,
+        "seconds": round(time.perf_counter() - begin, 1),
+        "returns": [round(r, 2) for r in returns], "steps_to_success": first_success,
+    }
+    print(json.dumps(summary))
+    return summary
+
+
 def bench(steps: int = 100, names=BENCH_ENVS) -> None:
     """Print environment steps per second (step + render) with each render setting."""
     rng = np.random.default_rng(0)
@@ -1123,6 +1392,12 @@ def build_parser() -> argparse.ArgumentParser:
     make.add_argument("--seed", type=_seed, default=0)
     make.add_argument("--render", choices=RENDERS, default="default")
     make.add_argument("--max-steps", type=_positive_int, default=None)
+    check = commands.add_parser("expert", help="success rate, mean return and steps to success of a scripted expert")
+    check.add_argument("--env", required=True, help="family:task with a scripted expert, e.g. robodesk:open_slide")
+    check.add_argument("--episodes", type=_positive_int, default=20)
+    check.add_argument("--seed", type=int, default=0, help="episode i is reset with seed S + i")
+    check.add_argument("--render", choices=RENDERS, default="default")
+    check.add_argument("--max-steps", type=_positive_int, default=None)
     speed = commands.add_parser("bench", help="print steps per second of a task per family and the modified DMC")
     speed.add_argument("--steps", type=_positive_int, default=100)
     return parser
@@ -1134,6 +1409,8 @@ def main(argv=None) -> int:
         if args.command == "collect":
             collect(args.env, args.policy, args.episodes, args.out, seed=args.seed,
                     render=args.render, max_steps=args.max_steps)
+        elif args.command == "expert":
+            evaluate_expert(args.env, args.episodes, seed=args.seed, render=args.render, max_steps=args.max_steps)
         else:
             bench(args.steps)
     except (EnvError, DatasetError, OSError) as exc:

@@ -309,6 +309,57 @@ def test_creating_and_closing_ten_robodesk_envs_finishes():
     assert out.returncode == 0 and out.stdout.strip() == "done", out.stderr[-2000:]
 
 
+# Seed and step budget per expert test: the seed's first success comes at step 65, 314, 292 and 729,
+# so each budget leaves ~20% or more in hand. open_slide needs more than an episode's 500 steps:
+# pushing against the slide's friction, the arm advances ~0.5-0.65 mm a step (README, Scripted experts).
+ROBODESK_EXPERT_RUNS = {"push_green": (11, 120), "upright_block_off_table": (1, 400),
+                        "open_drawer": (56, 400), "open_slide": (39, 850)}
+
+
+@pytest.mark.parametrize("task", list(ROBODESK_EXPERT_RUNS))
+def test_robodesk_expert_reaches_the_tasks_success(task):
+    seed, steps = ROBODESK_EXPERT_RUNS[task]
+    with envs.make_env(f"robodesk:{task}", render="fast", max_steps=steps) as env:
+        obs = env.reset(seed=seed)
+        assert not obs["success"]
+        while not obs["success"] and not obs["is_last"]:
+            obs = env.step(env.expert_action())
+        assert obs["success"], f"no success in {steps} steps"
+        assert env._sim._get_task_reward(task, "success")  # the package's own success function
+
+
+def test_robodesk_expert_acts_the_same_under_both_render_settings():
+    runs = {}
+    for render in envs.RENDERS:
+        with envs.make_env("robodesk:open_slide", render=render, max_steps=30) as env:
+            obs, steps = env.reset(seed=3), []
+            while not obs["is_last"]:
+                action = env.expert_action()
+                obs = env.step(action)
+                steps.append((action.tolist(), obs["reward"], bool(obs["success"])))
+            runs[render] = steps
+    assert runs["default"] == runs["fast"]
+    assert len({tuple(a) for a, _, _ in runs["fast"]}) > 1  # the expert acts, not a constant
+
+
+def test_robodesk_expert_for_a_task_without_one_names_the_tasks_with_one():
+    with envs.make_env("robodesk:stack", render="fast", max_steps=2) as env:
+        env.reset()
+        with pytest.raises(envs.EnvError, match="robodesk:open_slide, robodesk:push_green, robodesk:open_drawer, "
+                                                "robodesk:upright_block_off_table"):
+            env.expert_action()
+
+
+def test_has_expert():
+    assert envs.has_expert("metaworld:window-close") and envs.has_expert("metaworld:door-close")
+    for task in ("open_slide", "push_green", "open_drawer", "upright_block_off_table"):
+        assert envs.has_expert(f"robodesk:{task}")
+    assert not envs.has_expert("robodesk:stack") and not envs.has_expert("robodesk:push_red")
+    assert not envs.has_expert("dmc:walker_walk") and not envs.has_expert("dmc:walker_uphill")
+    with pytest.raises(envs.EnvError, match="unknown"):
+        envs.has_expert("robodesk:open")
+
+
 # -- DeepMind Control
 
 
@@ -623,9 +674,39 @@ def test_collect_epsilon_spreads_returns_from_expert_to_random(tmp_path):
     assert expert["mean_return"] > 2 * noisy["mean_return"]
 
 
+def test_collect_scripted_robodesk_spreads_returns_from_expert_to_random(tmp_path):
+    # seed 11: the expert presses the green button at step 65 (test_robodesk_expert_reaches_the_tasks_success)
+    expert = envs.collect("robodesk:push_green", "scripted", 1, tmp_path / "expert", seed=11, render="fast",
+                          max_steps=120, epsilon=(0.0, 0.0))
+    noisy = envs.collect("robodesk:push_green", "scripted", 1, tmp_path / "random", seed=11, render="fast",
+                         max_steps=120, epsilon=(1.0, 1.0))
+    assert expert["success_rate"] == 1.0 and noisy["success_rate"] == 0.0
+    assert expert["mean_return"] > noisy["mean_return"] + 10
+    info = envs.read_dataset_info(tmp_path / "expert")
+    assert (info["policy"], info["epsilon"], info["action_size"]) == ("scripted", [0.0, 0.0], 5)
+    episode, = envs.load_dataset(tmp_path / "expert", action_size=5)
+    assert episode["success"].any() and len(episode["reward"]) == 121
+
+
+def test_cli_expert_prints_success_rate_return_and_steps(tmp_path):
+    out = run_envs_cli("expert", "--env", "robodesk:push_green", "--episodes", "1", "--seed", "11",
+                       "--max-steps", "80", "--render", "fast")
+    assert out.returncode == 0, out.stderr
+    summary = json.loads(out.stdout.strip().splitlines()[-1])
+    assert (summary["env"], summary["render"], summary["episodes"], summary["max_steps"]) == (
+        "robodesk:push_green", "fast", 1, 80)
+    assert summary["success_rate"] == 1.0 and summary["mean_steps_to_success"] == 65.0
+    assert summary["steps_to_success"] == [65]
+    assert summary["mean_return"] == pytest.approx(summary["returns"][0], abs=0.01)
+
+
 def test_collect_rejects_bad_requests(tmp_path):
     with pytest.raises(envs.EnvError, match="Meta-World"):
         envs.collect("dmc:walker_walk", "scripted", 1, tmp_path / "a")
+    with pytest.raises(envs.EnvError, match="valid policies for it: random"):
+        envs.collect("dmc:walker_walk", "scripted", 1, tmp_path / "a")
+    with pytest.raises(envs.EnvError, match="robodesk:stack has no scripted expert .*robodesk:open_slide"):
+        envs.collect("robodesk:stack", "scripted", 1, tmp_path / "a")
     with pytest.raises(envs.EnvError, match="policy"):
         envs.collect("dmc:walker_walk", "expert", 1, tmp_path / "b")
     (tmp_path / "full").mkdir()
@@ -665,6 +746,9 @@ def test_cli_collect(tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["collect", "--env", "nope:x", "--policy", "random", "--episodes", "1", "--out", "OUT"], "unknown environment"),
     (["collect", "--env", "dmc:walker_walk", "--policy", "scripted", "--episodes", "1", "--out", "OUT"], "Meta-World"),
+    (["collect", "--env", "dmc:walker_walk", "--policy", "scripted", "--episodes", "1", "--out", "OUT"], "valid policies"),
+    (["expert", "--env", "dmc:walker_walk"], "no scripted expert"),
+    (["expert", "--env", "robodesk:open_slide", "--render", "slow"], "--render"),
     (["collect", "--env", "dmc:walker_walk", "--policy", "random", "--episodes", "0", "--out", "OUT"], "--episodes"),
     (["bench", "--steps", "many"], "--steps"),
     (["collect", "--env", "dmc:walker_walk", "--policy", "random", "--episodes", "1", "--out", "FILE"], "a file, not a folder"),
