@@ -356,9 +356,10 @@ def last_log_line(folder):
 
 
 def write_status(folder, state, **fields):
+    """status.json: what the run's job last did (running, finished, failed, interrupted, requeued), where, when."""
+    job_id = os.environ.get("SLURM_JOB_ID") or os.environ.get("SUBMITIT_LOCAL_JOB_ID")
     write_json(Path(folder) / "status.json", {"state": state, "time": time.time(), "host": socket.gethostname(),
-                                              "job_id": os.environ.get("SLURM_JOB_ID") or os.environ.get(
-                                                  "SUBMITIT_LOCAL_JOB_ID"), **fields})
+                                              "job_id": job_id, **fields})
 
 
 def ignore_preemption_signal():
@@ -382,6 +383,7 @@ class CoworldJob(submitit.helpers.Checkpointable):
 
     def __call__(self):
         logdir = Path(self.logdir)
+        logdir.mkdir(parents=True, exist_ok=True)
         if (logdir / "results.json").exists():  # a duplicate submission of a finished run
             return "finished"
         with open(logdir / LOCK, "a") as lock:
@@ -454,20 +456,29 @@ def select_entries(grid, targets, methods):
     return [e for e in grid.entries if (not targets or e.target in targets) and (not methods or e.row in methods)]
 
 
+# Parses each run's flags with coworld.py's own parser, in a process of its own: importing coworld (envs.py) sets
+# MUJOCO_GL for this machine, and sbatch would pass that on to the jobs, whose machines may have other GPUs.
+PARSE_FLAGS = """import json, sys, coworld
+for name, argv in json.load(sys.stdin):
+    try:
+        coworld.build_parser("train").parse_args(argv)
+    except coworld.ConfigError as error:
+        sys.exit(f"coworld.py does not accept the flags of {name}: {error}")
+"""
+
+
 def check_common_flags(common, entries, seeds):
     """Flags after `--` go to every run: they must not set what the grid sets, and coworld.py must accept them
-    (parsed with coworld.py's own parser, before anything is submitted)."""
+    with each cell's own flags, before anything is submitted."""
     for token in common:
         if token.split("=", 1)[0] in RUN_FLAGS:
             raise UsageError(f"{token} after -- is set by the grid for each run (use --seeds, --targets, --methods, "
                              f"--datasets or --out)")
-    import coworld  # only its parser: the runs are subprocesses
-    for entry in entries:
-        argv = coworld_command(entry, seeds[0], "run", common, None)[2:]
-        try:
-            coworld.build_parser("train").parse_args(argv)
-        except coworld.ConfigError as error:
-            raise UsageError(f"coworld.py does not accept the flags of {run_name(entry, seeds[0])}: {error}") from None
+    runs = [(run_name(entry, seeds[0]), coworld_command(entry, seeds[0], "run", common, None)[2:]) for entry in entries]
+    parsed = subprocess.run([sys.executable, "-c", PARSE_FLAGS], input=json.dumps(runs), capture_output=True,
+                            text=True, cwd=ROOT)
+    if parsed.returncode:
+        raise UsageError(parsed.stderr.strip().splitlines()[-1] if parsed.stderr.strip() else "coworld.py failed")
 
 
 def check_launch_record(out, grid, common, datasets, dry_run):
@@ -642,8 +653,10 @@ def run_state(folder, results, status):
     if status.get("state") == "failed":
         return "failed", f"{status.get('detail', '')}; see coworld.log"
     if (folder / "checkpoint.pt").exists():
-        why = {"interrupted": "stopped at a checkpoint", "requeued": "requeued after a time limit or preemption",
-               "running": "no job holds it (killed?)"}.get(status.get("state"), "checkpoint written")
+        if status.get("state") == "requeued":
+            return "in progress", "requeued after a time limit or preemption: its requeued job resumes it"
+        why = {"interrupted": "stopped at a checkpoint", "running": "no job holds it (killed?)"}.get(
+            status.get("state"), "checkpoint written")
         return "in progress", f"{why}; launching the grid again resumes it"
     return "not started", "queued or not launched yet"
 

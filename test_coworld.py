@@ -2022,7 +2022,7 @@ def test_experiments_grids_are_the_papers_cells():
         for entry in grid.entries:
             for seed in (0, 1, 2):
                 names.setdefault(X.run_name(entry, seed), set()).add(X.entry_key(entry) + (seed,))
-        X.check_common_flags([], list(grid.entries), [0])
+    X.check_common_flags([], [entry for grid in grids.values() for entry in grid.entries], [0])
     assert all(len(keys) == 1 for keys in names.values()) and max(map(len, names)) < 200
     assert "experiments" not in (ROOT / "coworld.py").read_text()  # the method never imports the launcher
 
@@ -2223,15 +2223,23 @@ def test_experiments_report_curves_values_and_source_selection(tmp_path):
     assert "(paper)" not in report
 
 
-def test_experiments_slurm_submission_without_a_cluster(tmp_path):
-    # sbatch and srun stand-ins: the submission file submitit writes is what a cluster would receive.
+def fake_slurm(tmp_path):
+    """sbatch, srun and scontrol stand-ins on PATH: sbatch keeps the submission file and says job 4242, scontrol logs
+    its arguments; the environment has no GL backend chosen for this machine."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    (bin_dir / "sbatch").write_text('#!/bin/sh\ncp "$1" "$SBATCH_COPY"\necho "Submitted batch job 4242"\n')
+    (bin_dir / "sbatch").write_text('#!/bin/sh\ncp "$1" "$SBATCH_COPY"\nenv > "$SBATCH_COPY.env"\n'
+                                    'echo "Submitted batch job 4242"\n')
     (bin_dir / "srun").write_text("#!/bin/sh\nexit 0\n")
+    (bin_dir / "scontrol").write_text('#!/bin/sh\necho "$@" >> "$SBATCH_COPY.scontrol"\n')
     for tool in bin_dir.iterdir():
         tool.chmod(0o755)
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SBATCH_COPY": str(tmp_path / "sbatch.sh")}
+    return {**{k: v for k, v in os.environ.items() if k not in ("MUJOCO_GL", "PYOPENGL_PLATFORM")},
+            "PATH": f"{bin_dir}:{os.environ['PATH']}", "SBATCH_COPY": str(tmp_path / "sbatch.sh")}
+
+
+def test_experiments_slurm_submission_without_a_cluster(tmp_path):
+    env = fake_slurm(tmp_path)  # the submission file submitit writes is what a cluster would receive
     out = tmp_path / "table2"
     done = run_experiments_cli("launch", "table2", "--seeds", "0", "1", "2", "--cluster", "slurm", "--partition", "gpu",
                                "--gpus-per-job", "1", "--timeout-min", "600", "--parallel", "20", "--sbatch",
@@ -2243,6 +2251,8 @@ def test_experiments_slurm_submission_without_a_cluster(tmp_path):
                  "#SBATCH --partition=gpu", "#SBATCH --gpus-per-node=1", "#SBATCH --time=600",
                  "#SBATCH --cpus-per-task=8", "#SBATCH --account=rl"):
         assert line in sbatch, (line, sbatch)
+    # sbatch passes the launcher's environment on to the jobs: it holds no GL backend chosen for this machine.
+    assert "MUJOCO_GL=" not in (tmp_path / "sbatch.sh.env").read_text()
     # One pickled job per run: each a checkpointable coworld.py run in its own folder.
     from submitit.core.utils import DelayedSubmission
     pickles = sorted((out / "submitit").glob("4242_*/*_submitted.pkl"))
@@ -2264,6 +2274,39 @@ def test_experiments_slurm_submission_without_a_cluster(tmp_path):
     dry = run_experiments_cli("launch", "figure5a", "--dry-run", "--out", str(tmp_path / "dry"))
     assert dry.returncode == 0 and dry.stdout.count("coworld.py --method coworld") == 12
     assert not (tmp_path / "dry").exists()
+
+
+def test_experiments_slurm_job_checkpoints_requeues_and_resumes(tmp_path):
+    # An array task as SLURM runs it (submitit's entry point with SLURM's variables): submitit's signal before the
+    # time limit reaches the job, coworld.py writes its safe-point checkpoint, the job requeues itself with
+    # scontrol; the requeued task resumes the run and finishes it.
+    env = fake_slurm(tmp_path)
+    out = tmp_path / "smoke"
+    done = run_experiments_cli("launch", "smoke", "--methods", "coworld", "--seeds", "0", "1", "--cluster", "slurm",
+                               "--out", str(out), "--", *GRID_FLAGS, "--data-dir", str(tmp_path / "data"), env=env)
+    assert done.returncode == 0, done.stderr
+    task = {**env, "MUJOCO_GL": os.environ.get("MUJOCO_GL", "osmesa"), "SUBMITIT_EXECUTOR": "slurm",
+            "SLURM_JOB_ID": "4244", "SLURM_ARRAY_JOB_ID": "4242", "SLURM_ARRAY_TASK_ID": "1", "SLURM_PROCID": "0",
+            "SLURM_NTASKS": "1", "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_JOB_NUM_NODES": "1"}
+    command = [sys.executable, "-u", "-m", "submitit.core._submit", str(out / "submitit" / "%j")]
+    run = out / X.run_name(SMOKE_COWORLD, 1)
+    job = subprocess.Popen(command, env=task, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    while job.poll() is None:
+        status = X.read_json(run / "status.json") or {}
+        if status.get("state") == "running" and (run / "checkpoint.pt").exists():
+            os.kill(status["job_pid"], signal.SIGUSR2)
+            break
+        time.sleep(0.01)
+    _, err = job.communicate(timeout=300)
+    assert "Caught signal SIGUSR2" in err and "preempted" in err, err[-2000:]
+    assert (tmp_path / "sbatch.sh.scontrol").read_text().split() == ["requeue", "4242_1"]
+    assert X.read_json(run / "status.json")["state"] == "requeued" and not (run / "results.json").exists()
+    assert "interrupted: checkpoint written" in (run / "coworld.log").read_text(errors="replace")
+    requeued = subprocess.run(command, env=task, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert requeued.returncode == 0, requeued.stderr[-2000:]
+    assert "Resuming from" in (run / "coworld.log").read_text(errors="replace")
+    assert X.read_json(run / "status.json")["state"] == "finished" and (run / "results.json").exists()
+    assert not (out / X.run_name(SMOKE_COWORLD, 0) / "status.json").exists()  # task 0 never ran here
 
 
 def test_experiments_statistics_against_a_hand_computation():
