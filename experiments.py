@@ -765,7 +765,7 @@ def curve(runs):
     return points
 
 
-def selection(cells, rows, targets):
+def selection(cells, targets):
     """Table 6: per multi-source target, each candidate's share of the target updates that selected it (App. C's
     one-hot choice, results.json's source_selected summed over seeds), the most selected and the paper's."""
     out = {}
@@ -822,7 +822,7 @@ def grid_numbers(grid, runs):
         tasks = [t for t in targets if t.startswith(family + ":")]
         scores = {row: m for row in rows if (m := score_matrix(cells, row, tasks)) is not None}
         aggregate[family] = {"tasks": len(tasks), "rows": interval_estimates(scores, BASELINE) if scores else {}}
-    data = {"returns": returns, "aggregate": aggregate, "selection": selection(cells, rows, targets),
+    data = {"returns": returns, "aggregate": aggregate, "selection": selection(cells, targets),
             "curves": {t: {row: curve(cells[(row, t)]) for row in rows if (row, t) in cells} for t in targets}}
     if "values" in grid.figures:
         data["values"] = value_estimates(cells, rows, targets)
