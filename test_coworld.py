@@ -2505,3 +2505,387 @@ def test_full_disk_stops_with_one_line_and_keeps_the_last_checkpoint(tmp_path, m
     assert 0 < state["progress"]["steps"] < 60
     monkeypatch.undo()
     assert C.main(argv) == 0  # space again: the same command resumes and finishes
+
+
+# ---- experiments.py: grids, launch, report ----
+
+import shlex  # noqa: E402
+import shutil  # noqa: E402
+from collections import Counter  # noqa: E402
+
+from scipy import stats  # noqa: E402
+
+import experiments as X  # noqa: E402
+
+GRID_FLAGS = ["--preset", "small", "--device", "cpu", "--batch-size", "2", "--seq-len", "8", "--max-episode-steps",
+              "20", "--prefill", "20", "--eval-episodes", "1", "--K1", "2", "--K2", "10", "--rounds", "1",
+              "--pretrain-steps", "20", "--target-episodes", "2"]
+SMOKE_COWORLD, SMOKE_OFFLINE = X.GRIDS["smoke"].entries
+
+
+def run_experiments_cli(*args, timeout=300, env=None):
+    return subprocess.run([sys.executable, str(ROOT / "experiments.py"), *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT, env=env)
+
+
+def test_experiments_grids_are_the_papers_cells():
+    grids = X.GRIDS
+    assert {"table2", "figure4", "table3", "figure5a", "figure5b", "table6", "figure6"} <= set(grids)
+    table2 = grids["table2"]
+    assert len(table2.entries) == 30 and len(table2.columns) == 6
+    rows = ("offline-dv2", "dv2-finetune", "dv2-finetune-ewc", "coworld", "coworld-multi-source")
+    assert Counter(e.row for e in table2.entries) == {row: 6 for row in rows}
+    best = {e.target: e.sources for e in table2.entries if e.row == "coworld"}
+    assert best[X.mw("door-close")] == (X.mw("button-press"),) and best[X.mw("button-press")] == (X.mw("drawer-close"),)
+    assert all(e.sources == () for e in table2.entries if e.method == "offline-dv2")
+    # App. C's candidates hold the source Table 6 reports as selected; RoboDesk targets get all six (Sec. 4.3).
+    for entry in grids["table6"].entries:
+        assert X.TABLE6_PAPER[entry.target] in entry.sources and entry.target not in entry.sources
+        assert len(entry.sources) == (5 if entry.target.startswith("metaworld:") else 6)
+    assert {e.target for e in grids["table3"].entries} == {f"dmc:{t}" for t in DMC_VARIANTS}
+    assert {e.row for e in grids["figure5a"].entries} == {"coworld", "no-state-alignment", "no-reward-alignment",
+                                                          "no-value-constraint"}
+    assert ("--value-constraint", "linear") in [e.flags for e in grids["figure5b"].entries]
+    varied = {e.flags[0][2:]: set() for e in grids["figure6"].entries if e.flags}
+    for e in grids["figure6"].entries:
+        if e.flags:
+            varied[e.flags[0][2:]].add(float(e.flags[1]))
+    assert {0.1, 0.7} <= varied["k"] and {1.0, 3.0} <= varied["alpha"]  # Sec. 4.5's ranges
+    assert min(varied["beta2"]) < 1 < max(varied["beta2"])  # "too small" and "too large" around Table 7's 1
+    # The paper's numbers are typed in once, per cell of the grid.
+    assert table2.reference["coworld"][X.mw("window-close")] == (4521, 367)
+    assert grids["table3"].reference["offline-dv2"][X.dmc("cheetah_uphill")] == (3, 1)
+    # Run folders: one per settings and seed (equal settings share a folder across grids), and coworld.py accepts
+    # every cell's flags.
+    names = {}
+    for grid in grids.values():
+        for entry in grid.entries:
+            for seed in (0, 1, 2):
+                names.setdefault(X.run_name(entry, seed), set()).add(X.entry_key(entry) + (seed,))
+    X.check_common_flags([], [entry for grid in grids.values() for entry in grid.entries], [0])
+    assert all(len(keys) == 1 for keys in names.values()) and max(map(len, names)) < 200
+    assert "experiments" not in (ROOT / "coworld.py").read_text()  # the method never imports the launcher
+
+
+@pytest.mark.parametrize("argv, listed", [
+    (["launch", "table9"], "the grids are: table2, figure4, table3, figure5a, figure5b, table6, figure6"),
+    (["launch", "table2", "--methods", "coworld", "cql"],
+     "its methods are: offline-dv2, dv2-finetune, dv2-finetune-ewc, coworld, coworld-multi-source"),
+    (["launch", "figure5a", "--targets", "robodesk:stack"], "its targets are: robodesk:push_green"),
+    (["launch", "smoke", "--", "--seed", "3"], "set by the grid"),
+    (["launch", "smoke", "--", "--K1", "many"], "argument --K1: invalid int value"),
+    (["launch", "smoke", "--partition", "gpu"], "are for --cluster slurm"),
+    (["report", "/nonexistent"], "is not a folder"),
+])
+def test_experiments_bad_grid_method_or_flag_is_one_line_and_exit_code_2(argv, listed, capsys):
+    assert X.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and listed in err and err.startswith("experiments.py: error:")
+
+
+@pytest.fixture(scope="module")
+def local_grid(tmp_path_factory):
+    """The smoke grid (CoWorld and Offline DV2 x seeds 0 1) through the local executor, 2 at a time. Mid-way, one run's
+    coworld.py is SIGKILLed and another's job gets submitit's preemption signal (SIGUSR2); then the grid is launched
+    again."""
+    tmp = tmp_path_factory.mktemp("grid")
+    out = tmp / "smoke"
+    argv = ["launch", "smoke", "--seeds", "0", "1", "--parallel", "2", "--out", str(out), "--", *GRID_FLAGS,
+            "--data-dir", str(tmp / "data")]
+    killed, preempted = out / X.run_name(SMOKE_COWORLD, 0), out / X.run_name(SMOKE_COWORLD, 1)
+    launcher = subprocess.Popen([sys.executable, str(ROOT / "experiments.py"), *argv], cwd=ROOT, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    pending = {killed: signal.SIGKILL, preempted: signal.SIGUSR2}
+    while pending and launcher.poll() is None:  # at each run's first checkpoint (the end of source pretraining)
+        for folder, signum in list(pending.items()):
+            status = X.read_json(folder / "status.json") or {}
+            if status.get("state") == "running" and (folder / "checkpoint.pt").exists():
+                os.kill(status["pid" if signum == signal.SIGKILL else "job_pid"], signum)
+                del pending[folder]
+        time.sleep(0.01)
+    first_out, first_err = launcher.communicate(timeout=300)
+    assert not pending, f"runs finished before they could be interrupted: {first_out} {first_err}"
+    shutil.copytree(out, tmp / "first")
+    again = run_experiments_cli(*argv)
+    return types.SimpleNamespace(out=out, first=tmp / "first", first_code=launcher.returncode, first_out=first_out,
+                                 again=again, killed=killed, preempted=preempted)
+
+
+def test_experiments_local_grid_resumes_killed_and_preempted_runs(local_grid):
+    grid = local_grid
+    names = sorted(X.run_name(entry, seed) for entry in (SMOKE_COWORLD, SMOKE_OFFLINE) for seed in (0, 1))
+    assert names == ["coworld__dmc-cartpole_balance__dmc-cartpole_swingup__s0",
+                     "coworld__dmc-cartpole_balance__dmc-cartpole_swingup__s1",
+                     "offline-dv2__dmc-cartpole_swingup__s0", "offline-dv2__dmc-cartpole_swingup__s1"]
+    # First launch: the killed run failed, the others finished; the preempted one was checkpointed, requeued and
+    # resumed inside the same launch, as a SLURM job is.
+    assert grid.first_code == 1 and f"failed  {grid.killed.name}: killed by SIGKILL" in grid.first_out
+    first = {name: (grid.first / name / "results.json").exists() for name in names}
+    assert first == {name: name != grid.killed.name for name in names}
+    log = (grid.first / grid.preempted.name / "coworld.log").read_text(errors="replace")
+    assert "interrupted: checkpoint written" in log and "Resuming from" in log
+    assert "Caught signal SIGUSR2" in "".join(p.read_text() for p in (grid.first / "submitit").rglob("*.err"))
+    # Each run had its share of the CPU threads.
+    threads = max(1, len(os.sched_getaffinity(0)) // 2)
+    assert {X.read_json(grid.first / name / "status.json")["threads"] for name in names} == {threads}
+    # Second launch: resumes the killed run from its checkpoint and skips the finished ones.
+    assert grid.again.returncode == 0, grid.again.stderr
+    assert "4 runs in" in grid.again.stdout and "1 resume, 3 finished" in grid.again.stdout
+    assert "Resuming from" in (grid.killed / "coworld.log").read_text(errors="replace")
+    for name in names:
+        assert X.read_json(grid.out / name / "status.json")["state"] == "finished"
+        if name != grid.killed.name:  # not run again
+            assert (grid.out / name / "results.json").stat().st_mtime_ns == \
+                   (grid.first / name / "results.json").stat().st_mtime_ns
+    job = X.read_json(grid.killed / "job.json")
+    assert job["grids"] == ["smoke"] and job["seed"] == 0 and job["command"][-2:] == ["--logdir", str(grid.killed)]
+
+
+def report_cell(report, row, column):
+    """The numbers of one cell of a markdown table: mean, std (and k, n when not all seeds finished)."""
+    lines = [line for line in report.splitlines() if line.startswith("|")]
+    header = next(i for i, line in enumerate(lines) if column in line)
+    col = [c.strip() for c in lines[header].split("|")].index(column)
+    line = next(line for line in lines[header:] if line.split("|")[1].strip() == row)
+    return [float(x) for x in re.findall(r"-?\d+(?:\.\d+)?", line.split("|")[col])]
+
+
+def test_experiments_report_numbers_match_the_runs_files(local_grid, tmp_path):
+    grid = local_grid
+    assert X.main(["report", str(grid.out)]) == 0
+    report, data = (grid.out / "report.md").read_text(), X.read_json(grid.out / "report.json")
+    column = X.GRIDS["smoke"].columns[X.dmc("cartpole_swingup")]
+    for entry, row in ((SMOKE_COWORLD, "CoWorld"), (SMOKE_OFFLINE, "Offline DV2")):
+        returns = [json.loads((grid.out / X.run_name(entry, s) / "results.json").read_text())["eval"]["return_mean"]
+                   for s in (0, 1)]
+        mean, std = sum(returns) / 2, math.sqrt(sum((r - sum(returns) / 2) ** 2 for r in returns) / 2)
+        cell = data["grids"]["smoke"]["returns"][entry.row][X.dmc("cartpole_swingup")]
+        assert (cell["mean"], cell["std"], cell["n"]) == (pytest.approx(mean, rel=1e-12), pytest.approx(std, rel=1e-9),
+                                                          2)
+        assert report_cell(report, row, column) == pytest.approx([mean, std], rel=6e-4)  # 4 significant digits
+        # One task: the IQM of two seeds is their mean; the learning curve is each run's evaluation lines.
+        assert data["grids"]["smoke"]["aggregate"]["dmc"]["rows"][entry.row]["iqm"] == pytest.approx(mean)
+        logs = [(grid.out / X.run_name(entry, s) / "metrics.jsonl").read_text().splitlines() for s in (0, 1)]
+        steps = {json.loads(line)["step"] for log in logs for line in log if "eval/return_mean" in line}
+        points = data["grids"]["smoke"]["curves"][X.dmc("cartpole_swingup")][entry.row]
+        assert points["step"] == sorted(steps)
+        assert points["mean"][-1] == pytest.approx(mean)
+    assert (grid.out / "figures" / "smoke-curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "![smoke learning curves](figures/smoke-curves.png)" in report
+    # The first launch's folder: the killed run is reported as failed, its cell counts 1 of 2 seeds; a run whose
+    # results.json is gone (its checkpoint stays) is reported in progress.
+    first = tmp_path / "first"
+    shutil.copytree(grid.first, first)
+    in_progress = first / X.run_name(SMOKE_OFFLINE, 1)
+    (in_progress / "results.json").unlink()
+    assert X.main(["report", str(first)]) == 0
+    report, data = (first / "report.md").read_text(), X.read_json(first / "report.json")
+    assert data["runs"][grid.killed.name]["state"] == "failed" and "SIGKILL" in data["runs"][grid.killed.name]["detail"]
+    assert data["runs"][in_progress.name]["state"] == "in progress"
+    assert len(report_cell(report, "CoWorld", column)) == 4  # mean ± std (1/2)
+    assert report_cell(report, "CoWorld", column)[2:] == [1, 2]
+    assert f"| {grid.killed.name} | failed |" in report and f"| {in_progress.name} | in progress |" in report
+
+
+def fake_run(out, grid, entry, seed, final, evals=(), value=(0.0, 0.0), selected=None, finished=True):
+    """A run folder as coworld.py and the launcher leave it, with evaluation lines written here (as --eval-every
+    logs them: eval/return_mean ... at step = target updates)."""
+    folder = out / X.run_name(entry, seed)
+    X.write_job_record(folder, grid, entry, seed, ["python", "coworld.py"])
+    lines = [{"step": step, "time": 0.0, "eval/return_mean": ret, "eval/return_std": 0.0, "eval/value_estimate": 0.0,
+              "eval/true_value": 0.0} for step, ret in evals]
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    (folder / "config.json").write_text(json.dumps({"beta2": 1.0, "k": 0.3, "alpha": 2.0}))
+    (folder / "checkpoint.pt").write_bytes(b"")
+    if finished:
+        results = {"env": entry.target, "method": entry.method, "seed": seed, "env_steps": {},
+                   "eval": {"return_mean": final, "return_std": 0.0, "success_rate": 0.0, "returns": [final],
+                            "episodes": 10, "value_estimate": value[0], "true_value": value[1]}}
+        if selected:
+            results["source_selected"] = selected
+        (folder / "results.json").write_text(json.dumps(results))
+    return folder
+
+
+def test_experiments_report_curves_values_and_source_selection(tmp_path):
+    out = tmp_path / "grid"
+    grid = X.GRIDS["figure5b"]
+    coworld, offline, wo_max = grid.entries
+    curves = {coworld: [[(100, 10.0), (200, 30.0), (300, 50.0)], [(100, 20.0), (200, 40.0), (300, 80.0)],
+                        [(100, 0.0), (200, 35.0), (300, 65.0)]],
+              offline: [[(100, 5.0), (200, 6.0)], [(100, 7.0), (200, 9.0)], [(100, 9.0)]]}  # seed 2 is behind
+    values = {coworld: [(300.0, 250.0), (310.0, 270.0), (290.0, 260.0)],
+              offline: [(900.0, 200.0), (950.0, 210.0), (0, 0)], wo_max: [(100.0, 220.0)]}
+    for entry, runs in curves.items():
+        for seed, points in enumerate(runs):
+            fake_run(out, grid, entry, seed, points[-1][1], points, values[entry][seed],
+                     finished=entry is coworld or seed < 2)
+    fake_run(out, grid, wo_max, 0, 42.0, [(300, 42.0)], values[wo_max][0])
+    table6 = X.GRIDS["table6"]
+    door, push = table6.entries[0], table6.entries[-3]
+    assert (door.target, push.target) == (X.mw("door-close"), X.rd("push_green"))
+    fake_run(out, table6, door, 0, 1000.0,
+             selected={s: (90.0 if s == X.mw("drawer-close") else 2.5) for s in door.sources})
+    fake_run(out, table6, push, 0, 100.0,
+             selected={s: (10.0 if s == X.mw("window-close") else 18.0) for s in push.sources})
+    assert X.main(["report", str(out)]) == 0
+    report, data = (out / "report.md").read_text(), X.read_json(out / "report.json")
+    # Learning curves: mean and 95% t-interval over the seeds that reached each step.
+    points = data["grids"]["figure5b"]["curves"][X.mw("door-close")]
+    for entry in (coworld, offline):
+        by_step = {}
+        for run in curves[entry]:
+            for step, ret in run:
+                by_step.setdefault(step, []).append(ret)
+        got = points[entry.row]
+        assert got["step"] == sorted(by_step) and got["n"] == [len(by_step[s]) for s in sorted(by_step)]
+        for i, step in enumerate(sorted(by_step)):
+            v = np.array(by_step[step])
+            half = stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v)) if len(v) > 1 else 0.0
+            assert (got["mean"][i], got["low"][i], got["high"][i]) == pytest.approx((v.mean(), v.mean() - half,
+                                                                                     v.mean() + half))
+    assert data["runs"][X.run_name(offline, 2)]["state"] == "in progress"
+    # Figure 5(b): value estimate against true value per method, over the finished seeds.
+    got = data["grids"]["figure5b"]["values"][X.mw("door-close")]
+    assert got["coworld"]["value_estimate"]["mean"] == pytest.approx(300.0)
+    assert got["coworld"]["true_value"]["std"] == pytest.approx(np.std([250.0, 270.0, 260.0]))
+    assert got["offline-dv2"]["value_estimate"] == {"mean": 925.0, "std": 25.0, "n": 2}
+    assert report_cell(report, "Offline DV2 (BP→DC*)", "value estimate") == [925.0, 25.0]
+    for name in ("figure5b-curves", "figure5b-values"):
+        assert (out / "figures" / f"{name}.png").read_bytes()[:4] == b"\x89PNG" and f"figures/{name}.png" in report
+    # Table 6: which candidate each multi-source run selected most, beside the paper's choice.
+    selection = data["grids"]["table6"]["selection"]
+    assert selection[X.mw("door-close")]["selected"] == X.mw("drawer-close")
+    assert selection[X.mw("door-close")]["share"][X.mw("drawer-close")] == pytest.approx(0.9)
+    assert selection[X.rd("push_green")]["selected"] != X.mw("window-close")
+    assert "| door-close | drawer-close | drawer-close 90%" in report and "drawer-close (same) |" in report
+    # The paper's reference cells sit under ours where it prints numbers (Table 6 has none, Figure 5b none).
+    assert "(paper)" not in report
+
+
+def fake_slurm(tmp_path):
+    """sbatch, srun and scontrol stand-ins on PATH: sbatch keeps the submission file and says job 4242, scontrol logs
+    its arguments; the environment has no GL backend chosen for this machine."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text('#!/bin/sh\ncp "$1" "$SBATCH_COPY"\nenv > "$SBATCH_COPY.env"\n'
+                                    'echo "Submitted batch job 4242"\n')
+    (bin_dir / "srun").write_text("#!/bin/sh\nexit 0\n")
+    (bin_dir / "scontrol").write_text('#!/bin/sh\necho "$@" >> "$SBATCH_COPY.scontrol"\n')
+    for tool in bin_dir.iterdir():
+        tool.chmod(0o755)
+    return {**{k: v for k, v in os.environ.items() if k not in ("MUJOCO_GL", "PYOPENGL_PLATFORM")},
+            "PATH": f"{bin_dir}:{os.environ['PATH']}", "SBATCH_COPY": str(tmp_path / "sbatch.sh")}
+
+
+def test_experiments_slurm_submission_without_a_cluster(tmp_path):
+    env = fake_slurm(tmp_path)  # the submission file submitit writes is what a cluster would receive
+    out = tmp_path / "table2"
+    done = run_experiments_cli("launch", "table2", "--seeds", "0", "1", "2", "--cluster", "slurm", "--partition", "gpu",
+                               "--gpus-per-job", "1", "--timeout-min", "600", "--parallel", "20", "--sbatch",
+                               "account=rl", "--out", str(out), "--", "--preset", "paper", env=env)
+    assert done.returncode == 0, done.stderr
+    assert "submitted 90 runs as SLURM job 4242" in done.stdout
+    sbatch = (tmp_path / "sbatch.sh").read_text().splitlines()
+    for line in ("#SBATCH --array=0-89%20", "#SBATCH --requeue", f"#SBATCH --signal=USR2@{X.SIGNAL_DELAY_S}",
+                 "#SBATCH --partition=gpu", "#SBATCH --gpus-per-node=1", "#SBATCH --time=600",
+                 "#SBATCH --cpus-per-task=8", "#SBATCH --account=rl"):
+        assert line in sbatch, (line, sbatch)
+    # sbatch passes the launcher's environment on to the jobs: it holds no GL backend chosen for this machine.
+    assert "MUJOCO_GL=" not in (tmp_path / "sbatch.sh.env").read_text()
+    # One pickled job per run: each a checkpointable coworld.py run in its own folder.
+    from submitit.core.utils import DelayedSubmission
+    pickles = sorted((out / "submitit").glob("4242_*/*_submitted.pkl"))
+    jobs = [DelayedSubmission.load(path).function for path in pickles]
+    assert len(jobs) == 90 and all(hasattr(job, "checkpoint") for job in jobs)
+    folders = {pathlib.Path(job.logdir) for job in jobs}
+    assert len(folders) == 90 and all(folder.parent == out and (folder / "job.json").exists() for folder in folders)
+    job = next(job for job in jobs if pathlib.Path(job.logdir).name == "dv2-finetune-ewc__metaworld-button-press__"
+                                                                      "metaworld-door-close__s2")
+    assert job.command[1:] == [str(ROOT / "coworld.py"), "--method", "dv2-finetune-ewc", "--source",
+                               "metaworld:button-press", "--target", "metaworld:door-close", "--seed", "2",
+                               "--preset", "paper", "--logdir", job.logdir]
+    assert job.threads is None and job.signal_delay_s == X.SIGNAL_DELAY_S  # threads: the job's own CPUs
+    # The same folder with other coworld.py flags is refused (its finished runs would be skipped as they are).
+    again = run_experiments_cli("launch", "table2", "--cluster", "slurm", "--out", str(out), "--", "--K1", "10",
+                                env=env)
+    assert again.returncode == 2 and "was launched with coworld.py flags --preset paper" in again.stderr
+    # --dry-run lists the runs and changes nothing.
+    dry = run_experiments_cli("launch", "figure5a", "--dry-run", "--out", str(tmp_path / "dry"))
+    assert dry.returncode == 0 and dry.stdout.count("coworld.py --method coworld") == 12
+    assert not (tmp_path / "dry").exists()
+
+
+def test_experiments_slurm_job_checkpoints_requeues_and_resumes(tmp_path):
+    # An array task as SLURM runs it (submitit's entry point with SLURM's variables): submitit's signal before the
+    # time limit reaches the job, coworld.py writes its safe-point checkpoint, the job requeues itself with
+    # scontrol; the requeued task resumes the run and finishes it.
+    env = fake_slurm(tmp_path)
+    out = tmp_path / "smoke"
+    done = run_experiments_cli("launch", "smoke", "--methods", "coworld", "--seeds", "0", "1", "--cluster", "slurm",
+                               "--out", str(out), "--", *GRID_FLAGS, "--data-dir", str(tmp_path / "data"), env=env)
+    assert done.returncode == 0, done.stderr
+    task = {**env, "MUJOCO_GL": os.environ.get("MUJOCO_GL", "osmesa"), "SUBMITIT_EXECUTOR": "slurm",
+            "SLURM_JOB_ID": "4244", "SLURM_ARRAY_JOB_ID": "4242", "SLURM_ARRAY_TASK_ID": "1", "SLURM_PROCID": "0",
+            "SLURM_NTASKS": "1", "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_JOB_NUM_NODES": "1"}
+    command = [sys.executable, "-u", "-m", "submitit.core._submit", str(out / "submitit" / "%j")]
+    run = out / X.run_name(SMOKE_COWORLD, 1)
+    job = subprocess.Popen(command, env=task, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    while job.poll() is None:
+        status = X.read_json(run / "status.json") or {}
+        if status.get("state") == "running" and (run / "checkpoint.pt").exists():
+            os.kill(status["job_pid"], signal.SIGUSR2)
+            break
+        time.sleep(0.01)
+    _, err = job.communicate(timeout=300)
+    assert "Caught signal SIGUSR2" in err and "preempted" in err, err[-2000:]
+    assert (tmp_path / "sbatch.sh.scontrol").read_text().split() == ["requeue", "4242_1"]
+    assert X.read_json(run / "status.json")["state"] == "requeued" and not (run / "results.json").exists()
+    assert "interrupted: checkpoint written" in (run / "coworld.log").read_text(errors="replace")
+    requeued = subprocess.run(command, env=task, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert requeued.returncode == 0, requeued.stderr[-2000:]
+    assert "Resuming from" in (run / "coworld.log").read_text(errors="replace")
+    assert X.read_json(run / "status.json")["state"] == "finished" and (run / "results.json").exists()
+    assert not (out / X.run_name(SMOKE_COWORLD, 0) / "status.json").exists()  # task 0 never ran here
+
+
+def test_experiments_statistics_against_a_hand_computation():
+    from rliable import metrics
+
+    # IQM: the mean of the middle half of all scores (runs x tasks), here 10 scores -> the middle 6.
+    runs = np.array([[0., 10.], [1., 14.], [2., 11.], [3., 19.], [4., 12.]])
+    # Probability of improvement, by hand: on task 0, x_i = i + 1 beats y_j = j + 0.5 for j <= i: 10 of 16 pairs;
+    # task 1 alike; ties count half (x = [1, 2] vs y = [2, 3]: only (2, 2), a tie: 0.5 of 4 pairs).
+    x = np.array([[1., 10.], [2., 20.], [3., 30.], [4., 40.]])
+    y = x - np.array([.5, .5])
+    assert X.probability_of_improvement(x, y) == 0.625
+    assert X.probability_of_improvement(np.array([[1.], [2.]]), np.array([[2.], [3.]])) == 0.125
+    rng = np.random.default_rng(0)
+    for _ in range(20):  # the same number as rliable's own estimator, ties included
+        a, b = rng.integers(0, 4, (3, 4)).astype(float), rng.integers(0, 4, (5, 4)).astype(float)
+        assert X.probability_of_improvement(a, b) == pytest.approx(metrics.probability_of_improvement(a, b))
+    out = X.interval_estimates({"a": runs, "equal": np.array([[1., 5.]] * 3), "offline-dv2": runs - 100.0},
+                               "offline-dv2")
+    assert out["a"]["iqm"] == pytest.approx((2 + 3 + 4 + 10 + 11 + 12) / 6)
+    # The bootstrap is stratified: resampling runs within each task cannot change a task whose runs are equal
+    # (a pooled bootstrap would mix 1s and 5s).
+    assert out["equal"]["iqm"] == 3.0 and out["equal"]["iqm_ci"] == [3.0, 3.0]
+    # a beats offline-dv2 in every pair: probability 1, and every resample says so.
+    assert out["a"]["poi"] == 1.0 and out["a"]["poi_ci"] == [1.0, 1.0] and "poi" not in out["offline-dv2"]
+    # The 95% interval against a plain-loop stratified bootstrap of the IQM (percentile method).
+    samples = [stats.trim_mean(runs[rng.integers(0, 5, (5, 2)), np.arange(2)], 0.25, axis=None) for _ in range(20000)]
+    assert out["a"]["iqm_ci"] == pytest.approx(np.percentile(samples, [2.5, 97.5]), abs=0.35)
+    assert X.interval_estimates({"a": runs}, "offline-dv2") == X.interval_estimates({"a": runs}, "offline-dv2")
+
+
+def test_every_experiments_command_in_the_readme_parses():
+    commands = re.findall(r"python experiments\.py ([^`\n]*)", readme())
+    assert len(commands) >= 4 and any("--cluster slurm" in c for c in commands)
+    assert any(c.startswith("report ") for c in commands) and any("--cluster local" in c for c in commands)
+    for command in commands:
+        argv = shlex.split(command.replace("\\", ""))
+        args = X.build_parser().parse_args(argv[:argv.index("--")] if "--" in argv else argv)
+        if args.command == "launch":
+            assert args.grid in X.GRIDS
+        if "--" in argv:
+            C.build_parser("coworld.py", "").parse_args(argv[argv.index("--") + 1:])
