@@ -41,11 +41,19 @@ def synthetic_batch(cfg, action_size, seed):
     return {k: v.to(cfg.device) for k, v in batch.items()}
 
 
-def bench_step(cfg, kind, seed):
+def agent(cfg, plain=False):
+    """A fresh agent; plain: with its speed devices off (the plain expressions beside them run instead)."""
+    agent = C.Agent(cfg, 5).to(cfg.device)
+    if plain:
+        agent.single_thread_acting = agent.wm.decoder.first_as_matmul = False
+    return agent
+
+
+def bench_step(cfg, kind, seed, plain=False):
     """One target update (Eq. 3 + Eq. 6) or source update (Eq. 2 + 5) of fresh agents, as a function of two
     synthetic batches, and those batches."""
     torch.manual_seed(seed)
-    target, source = (C.Agent(cfg, 5).to(cfg.device).build_optimisers() for _ in range(2))
+    target, source = (agent(cfg, plain).build_optimisers() for _ in range(2))
     step = {"target": lambda b, b2: C.target_update(target, b, cfg, [source]),
             "source": lambda b, b2: C.source_update(source, b, cfg, b2, eta=0.5)}[kind]
     return step, [synthetic_batch(cfg, 5, seed + i) for i in range(2)]
@@ -58,11 +66,11 @@ def peak_memory(cfg):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def bench_update(cfg, kind, updates, seed=0):
+def bench_update(cfg, kind, updates, plain=False, seed=0):
     """Median seconds of one update, its FLOPs and the peak memory, with fresh agents on synthetic data. Runs
     in its own process so peak memory is its own."""
     from torch.utils.flop_counter import FlopCounterMode
-    step, batches = bench_step(cfg, kind, seed)
+    step, batches = bench_step(cfg, kind, seed, plain)
     with FlopCounterMode(display=False) as counter:
         step(*batches)  # the first warm-up update also counts the FLOPs
     if cfg.compile == "on":
@@ -120,15 +128,15 @@ def bench_precision(cfg, updates=20, tolerance=0.05):
     return {"worst": worst, "ok": bool(max(worst.values()) <= tolerance), "tolerance": tolerance}
 
 
-def bench_act(cfg, steps=200):
+def bench_act(cfg, plain=False, steps=200):
     """Policy steps per second on single observations (the acting cost inside data collection)."""
-    agent = C.Agent(cfg, 5).to(cfg.device)
+    actor = agent(cfg, plain)
     obs = {"image": np.zeros((64, 64, 3), np.uint8), "is_first": True}
     state = None
     for i in range(steps + 10):
         if i == 10:
             start = time.perf_counter()
-        _, state, _ = agent.act(obs, state, explore=True)
+        _, state, _ = actor.act(obs, state, explore=True)
         obs["is_first"] = False
     return {"steps_per_s": steps / (time.perf_counter() - start)}
 
@@ -195,29 +203,35 @@ def parse_args(argv):
         parser.add_argument(C.flag_name(name), dest=name, type=kind, help=f"{help} (default {default})")
     parser.add_argument("--profile", action="store_true", help="also profile one update of each kind: the operators "
                         "that take the most time, operator calls and kernel launches")
+    parser.add_argument("--plain", action="store_true", help="the speed devices off (the decoder's first layer as "
+                        "its transposed convolution, acting on every thread): what they buy")
     given = vars(parser.parse_args(argv))
     extra = {name: given.pop(name, default) for name, (_, default, _) in FLAGS.items()}
-    extra["profile"] = given.pop("profile", False)
+    extra["profile"], extra["plain"] = given.pop("profile", False), given.pop("plain", False)
     for name in ("updates", "replay_steps", "env_steps", "check_updates"):
         if extra[name] < (1 if name == "updates" else 0):
             raise C.ConfigError(f"{C.flag_name(name)} must be at least {1 if name == 'updates' else 0}")
     return C.make_config(given, "bench")[0], extra
 
 
-def bench(cfg, updates, env_steps, check_updates, replay_steps, profile):
+def bench(cfg, updates, env_steps, check_updates, replay_steps, profile, plain):
     """Print update, acting and environment speeds in a form to paste into an issue."""
+    if cfg.threads:  # the measuring processes read it when they start
+        os.environ["OMP_NUM_THREADS"] = str(cfg.threads)
+        torch.set_num_threads(cfg.threads)
     print(f"coworld bench  {time.strftime('%Y-%m-%d')}  torch {torch.__version__}  device {cfg.device}"
           f"{' (' + torch.cuda.get_device_name() + ')' if cfg.device == 'cuda' else ''}  threads "
           f"{torch.get_num_threads()}  cpus {os.cpu_count()}")
     print(f"preset {cfg.preset}  precision {cfg.precision}  batch {cfg.batch_size} x {cfg.seq_len}  "
-          f"horizon {cfg.horizon}  latents {cfg.stoch}x{cfg.classes}  deter {cfg.deter}  cnn depth {cfg.cnn_depth}")
+          f"horizon {cfg.horizon}  latents {cfg.stoch}x{cfg.classes}  deter {cfg.deter}  cnn depth {cfg.cnn_depth}"
+          f"{'  plain (no speed devices)' if plain else ''}")
     dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
     print(f"matmul peak: {peak_gflops(cfg.device, dtype):.0f} GFLOP/s ({cfg.precision})")
     for kind in ("target", "source"):
-        r = in_subprocess(bench_update, cfg, kind, updates)
+        r = in_subprocess(bench_update, cfg, kind, updates, plain)
         print(f"{kind} update: {r['seconds']:.3f} s median of {updates}  {r['frames_per_s']:.0f} frames/s  "
               f"{r['gflop']:.0f} GFLOP  {r['gflop_per_s']:.0f} GFLOP/s  peak memory {r['peak_gb']:.2f} GB")
-    print(f"acting: {in_subprocess(bench_act, cfg)['steps_per_s']:.0f} policy steps/s")
+    print(f"acting: {in_subprocess(bench_act, cfg, plain)['steps_per_s']:.0f} policy steps/s")
     if profile:
         for kind in ("target", "source"):
             r = in_subprocess(bench_profile, cfg, kind)

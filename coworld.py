@@ -62,6 +62,7 @@ class Config:
     precision: str = param("auto", "auto (bf16 on CUDA, float32 on CPU) | float32 | bf16")
     compile: str = param("auto", "torch.compile the per-step RSSM functions: auto (on CUDA) | on | off")
     render: str = param("default", "default (the benchmarks' look) | fast (no shadows/reflections/MSAA)")
+    threads: int = param(0, "CPU threads of torch (0: every core); 1 where another process shares the cores")
     debug: bool = param(False, "show tracebacks for errors")
     wandb: str = param("", "also log to this Weights & Biases project (needs the wandb package)")
     # Co-training (Table 7; None = the value of the target's suite)
@@ -137,16 +138,16 @@ SUITES = {
     "robodesk": dict(beta2=1.0, k=0.3, alpha=2.0, K1=50_000, iterations=300_000, pretrain_steps=160_000, prefill=5000),
     "dmc": dict(beta2=1.5, k=0.9, alpha=1.0, K1=20_000, iterations=600_000, pretrain_steps=600_000, prefill=2500),
 }
-# Presets change scale, never code. `small` makes every path run in minutes on a 2-core CPU; its RSSM size
-# and learning rates are DreamerV2's own DMC configuration (200 units; 3e-4, 8e-5, 8e-5).
+# Presets change scale, never code. `small` makes the default command run end to end in about 40 minutes on a
+# 2-core CPU; its RSSM size and learning rates are DreamerV2's own DMC configuration (200 units; 3e-4, 8e-5).
 PRESETS = {
     "paper": {},
     "small": dict(
         batch_size=16, seq_len=16, stoch=16, classes=16, deter=200, hidden=200, cnn_depth=16,
         mlp_units=200, mlp_layers=2, model_lr=3e-4, actor_lr=8e-5, critic_lr=8e-5,
-        K1=400, K2=2000, rounds=2, pretrain_steps=5000, prefill=1000,
-        target_episodes=10, eval_episodes=3, render="fast", replay_capacity=200_000,
-        log_every=25, checkpoint_every=250, eval_every=200,
+        K1=800, K2=2000, rounds=2, pretrain_steps=5000, prefill=1000,
+        target_episodes=30, render="fast", replay_capacity=200_000,
+        log_every=25, checkpoint_every=250, eval_every=800,
     ),
 }
 METHODS = ("coworld", "offline-dv2", "dv2-finetune", "dv2-finetune-ewc")
@@ -206,11 +207,20 @@ class Decoder(nn.Module):
             nn.ConvTranspose2d(4 * depth, 2 * depth, 5, 2), nn.ELU(),
             nn.ConvTranspose2d(2 * depth, depth, 6, 2), nn.ELU(),
             nn.ConvTranspose2d(depth, 3, 6, 2))
+        # Speed device: on its 1x1 input the first transposed convolution is one matrix product, and computed as
+        # one it takes half the decoder's time off a CPU update (bench.py --plain measures without it).
+        self.first_as_matmul = True
 
     def forward(self, feat):  # (..., F) -> image mean (..., 64, 64, 3)
         lead = feat.shape[:-1]
-        x = self.fc(feat).reshape(-1, 32 * self.depth, 1, 1).contiguous(memory_format=torch.channels_last)
-        return self.net(x).permute(0, 2, 3, 1).reshape(*lead, 64, 64, 3)
+        x = self.fc(feat).reshape(-1, 32 * self.depth)  # (N, 32 * depth)
+        first, k = self.net[0], self.net[0].kernel_size[0]
+        if self.first_as_matmul:
+            x = F.linear(x, first.weight.flatten(1).T, first.bias.repeat_interleave(k * k)).unflatten(-1, (-1, k, k))
+        else:
+            x = first(x[..., None, None].contiguous(memory_format=torch.channels_last))
+        x = self.net[1:](x.contiguous(memory_format=torch.channels_last))  # (N, 3, 64, 64)
+        return x.permute(0, 2, 3, 1).reshape(*lead, 64, 64, 3)
 
 
 def mlp(inp, out, units, layers):
@@ -656,6 +666,7 @@ class Agent(nn.Module):
         self.bad_updates = 0
         self.pending = {}
         self.ewc = None  # {"anchor": {network: [theta*]}, "fisher": {network: [F]}}
+        self.single_thread_acting = cfg.device == "cpu"
 
     def build_optimisers(self):
         cfg = self.cfg
@@ -701,7 +712,12 @@ class Agent(nn.Module):
 
     @torch.no_grad()
     def act(self, obs, state, explore):
-        """One step of the policy on a single observation; state carries (h, z, a_{t-1}) between steps."""
+        """One step of the policy on a single observation; state carries (h, z, a_{t-1}) between steps. Speed device:
+        on a CPU it runs on one thread, as fast as two on a quiet machine and 5x faster beside a busy process
+        (bench.py's acting line, with and without it)."""
+        if self.single_thread_acting and torch.get_num_threads() > 1:
+            with threads(1):
+                return self.act(obs, state, explore)
         device = next(self.parameters()).device
         image = torch.as_tensor(obs["image"], device=device)[None]
         if state is None:
@@ -723,6 +739,16 @@ class Agent(nn.Module):
         for name, opt in self.opts.items():
             opt.load_state_dict(state["opts"][name])
         self.updates, self.ewc = state["updates"], state["ewc"]
+
+
+@contextlib.contextmanager
+def threads(n):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def compile_steps(rssm, actor):
@@ -1449,7 +1475,7 @@ def check_same_config(saved, cfg, path):
     """A checkpoint only resumes the run it came from: name the fields that differ."""
     current = dataclasses.asdict(cfg)
     # What may change between a run and its resume or evaluation: where and how it runs, logs and evaluates.
-    ignore = {"device", "debug", "log_every", "checkpoint_every", "max_bad_updates", "logdir", "data_dir",
+    ignore = {"device", "threads", "debug", "log_every", "checkpoint_every", "max_bad_updates", "logdir", "data_dir",
               "eval_episodes", "eval_random", "replay_images", "wandb"}
     diff = [f"{k} ({saved.get(k)!r} -> {current[k]!r})" for k in current
             if k not in ignore and json.dumps(saved.get(k)) != json.dumps(current[k])]
@@ -1646,8 +1672,8 @@ AT_LEAST_ONE = ("batch_size", "seq_len", "stoch", "classes", "deter", "hidden", 
                 "ensemble", "chunks", "train_every", "slow_critic_every", "replay_capacity", "eval_episodes",
                 "target_episodes", "log_every", "checkpoint_every", "max_bad_updates", "max_episode_steps", "K1",
                 "rounds", "ewc_batches")
-AT_LEAST_ZERO = ("K2", "prefill", "pretrain_steps", "target_pretrain", "eval_every", "beta1", "beta2", "alpha",
-                 "free_nats", "penalty", "beta", "ewc_lambda")
+AT_LEAST_ZERO = ("threads", "K2", "prefill", "pretrain_steps", "target_pretrain", "eval_every", "beta1", "beta2",
+                 "alpha", "free_nats", "penalty", "beta", "ewc_lambda")
 UNIT_INTERVAL = ("k", "kl_balance", "lambda_", "rho", "eta_start", "eta_end")  # [0, 1]
 POSITIVE = ("model_lr", "actor_lr", "critic_lr", "adam_eps", "grad_clip")  # > 0
 CHOICES = {"method": METHODS, "device": ("cpu", "cuda"), "precision": ("float32", "bf16"), "compile": ("on", "off"),
@@ -1834,6 +1860,8 @@ def online(run):
 def command_run(cfg, command, notes):
     """`train` (CoWorld, Algorithm 1) and `online` (one DreamerV2 agent): run or resume, then report."""
     announce(cfg, command, notes)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     with claimed(cfg.logdir):
         run = Run(cfg, command)
         with run.stopping_on_signals():

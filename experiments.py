@@ -556,7 +556,7 @@ def launch_local(grid, jobs, out, args):
                 print(f"  {status.get('state', 'failed'):7} {name}: "
                       f"{status.get('detail', 'see ' + str(out / name / 'coworld.log'))}", flush=True)
     except KeyboardInterrupt:
-        print(f"\ninterrupted: running runs stop at their next safe point with a checkpoint; launch again to resume",
+        print("\ninterrupted: running runs stop at their next safe point with a checkpoint; launch again to resume",
               file=sys.stderr)
         return 130
     if unfinished:
@@ -730,7 +730,8 @@ def interval_estimates(scores, baseline, reps=BOOTSTRAP_REPS, seed=0):
     """The interquartile mean and the probability of improvement over `baseline`, each with a 95% stratified-
     bootstrap confidence interval: rliable (Agarwal et al., 2021). scores: {row: array (seeds, tasks)}. rliable
     resamples with numpy's global generator, which is seeded here so that the same runs give the same report."""
-    from rliable import library as rly, metrics
+    from rliable import library as rly
+    from rliable import metrics
 
     np.random.seed(seed)
     iqm, iqm_ci = rly.get_interval_estimates(scores, lambda s: np.array([metrics.aggregate_iqm(s)]), reps=reps,
