@@ -4,6 +4,7 @@ Run with `MUJOCO_GL=osmesa python -m pytest -q test_coworld.py`."""
 
 import contextlib
 import dataclasses
+import inspect
 import json
 import math
 import os
@@ -978,6 +979,14 @@ def test_algorithm1_plan_has_no_online_phase_after_the_last_round():
     run = PlanRun(dataclasses.replace(cfg, method="offline-dv2"), 0)
     C.algorithm1(run)
     assert run.plan == [("offline", 0), ("offline", 1), ("offline", 2), ("evaluate", 0)]
+
+
+def test_algorithm1_is_one_function_that_cites_its_lines_in_order():
+    source = inspect.getsource(C.algorithm1)
+    cited = []
+    for match in re.finditer(r"(?:#|;)\s*(\d+)(?:-(\d+))?:", source):
+        cited += range(int(match[1]), int(match[2] or match[1]) + 1)
+    assert cited == list(range(1, 28)) and len(source.splitlines()) <= 60
 
 
 @pytest.mark.parametrize("source, target, method, expected", [
