@@ -125,8 +125,8 @@ class Config:
     # Evaluation, logging, checkpoints
     eval_episodes: int = param(10, "evaluation episodes")
     eval_random: bool = param(False, "also evaluate a uniform random policy")
-    eval_every: int = param(10_000, "evaluate the target agent every N target updates, for learning curves (0: at "
-                                    "the end only)")
+    eval_every: int = param(10_000, "evaluate the target agent every N of its K1 updates (Alg. 1 line 6), for "
+                                    "learning curves (0: at the end only)")
     log_every: int = param(100, "updates between metric logs")
     checkpoint_every: int = param(2000, "updates between checkpoints")
     max_bad_updates: int = param(20, "stop after this many non-finite updates in a row")
@@ -1205,7 +1205,7 @@ class Run:
                         .build_optimisers() for name in uses]
         self.target = (Agent(cfg, self.action_size, ensemble, envs.action_size(cfg.target)).to(self.device)
                        .build_optimisers() if command != "online" else None)
-        # steps: of Algorithm 1's loops, in program order; evaluated: the target's updates at its last periodic
+        # steps: of Algorithm 1's loops, in program order; evaluated: the curve_step of the target's last periodic
         # evaluation; log_lines: of metrics.jsonl
         self.progress = {"steps": 0, "env_steps": [0] * len(self.sources), "episodes": [[] for _ in self.sources],
                          "selected": [0] * len(self.sources), "evaluated": 0, "log_lines": 0}
@@ -1327,13 +1327,21 @@ class Run:
         to the log with prefix eval, for learning curves. It runs at a safe point after a checkpoint, and a stop
         request ends it at once: a resumed run makes it up first, from the same weights, to the same numbers."""
         cfg, target = self.cfg, self.target
-        if (self.command != "train" or not cfg.eval_every or target.updates % cfg.eval_every
-                or target.updates in (self.progress["evaluated"], cfg.rounds * cfg.K1)):  # the last: final_evaluation
+        n = self.curve_step(target) if self.command == "train" else 0
+        if (n <= 0 or not cfg.eval_every or n % cfg.eval_every
+                or n in (self.progress["evaluated"], cfg.rounds * cfg.K1)):  # the last: final_evaluation
             return
         self.save()
         result = evaluate(target, cfg.target, cfg, cfg.eval_episodes, stop=functools.partial(self.check_stop, now=True))
-        self.progress["evaluated"] = target.updates
-        self.logger.write(target.updates, "eval", {k: v for k, v in result.items() if isinstance(v, float)})
+        self.progress["evaluated"] = n
+        self.logger.write(n, "eval", {k: v for k, v in result.items() if isinstance(v, float)})
+
+    def curve_step(self, agent):
+        """The x axis of the learning curves: the agent's updates less a multi-source target's App. C
+        pretraining (world model only, no behaviour), so the target's K1 updates count from 1 in every method."""
+        pretrained = (self.cfg.target_pretrain if agent is self.target and self.cfg.method == "coworld"
+                      and len(self.sources) > 1 else 0)
+        return agent.updates - pretrained
 
     def final_evaluation(self, agent, env_name):
         """Evaluate the trained agent in its real environment once; write results.json and a video. A finished run
@@ -1359,7 +1367,8 @@ class Run:
             result["source_selected"] = dict(zip(self.source_names, self.selected.tolist()))
         result["env_steps"] = dict(zip(self.source_names, self.progress["env_steps"]))
         envs.atomic_write(path, lambda f: f.write(json.dumps(result, indent=2).encode()))
-        self.logger.write(agent.updates, "eval", {k: v for k, v in result["eval"].items() if isinstance(v, float)})
+        self.logger.write(self.curve_step(agent), "eval", {k: v for k, v in result["eval"].items()
+                                                           if isinstance(v, float)})
         self.logger.video("eval/video", self.logdir / "videos" / "eval.mp4")
 
     # -- checkpoints ---------------------------------------------------------------------------

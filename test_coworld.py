@@ -757,11 +757,15 @@ def test_multi_source_pretrains_the_target_world_model_before_selecting(tmp_path
     run = tmp_path / "run"
     argv = ["--source", "dmc:cartpole_balance", "dmc:walker_walk", "--target", "dmc:cartpole_swingup",
             *tiny_flags(run, K1=2, K2=10, rounds=1, **{"pretrain-steps": 25, "target-episodes": 1, "target-pretrain": 3,
-                                                      "data-dir": tmp_path / "data"})]
+                                                      "data-dir": tmp_path / "data", "eval-every": 1})]
     assert C.main(argv) == 0
     assert calls == ["pretrain"] * 3 + ["select"] * 2
     state = torch.load(run / "checkpoint.pt", weights_only=False)
     assert state["target"]["updates"] == 3 + 2
+    # The learning curve counts the K1 updates only: no evaluation of an actor that has not learned yet.
+    evals = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()
+             if "eval/return_mean" in line]
+    assert evals == [1, 2]  # every update, then the final evaluation
     # By default as many updates as a source's world model gets in its pretraining: (160k - 5k prefill) / 5.
     cfg = C.parse_args(["--source", "metaworld:door-close", "metaworld:button-press", "--target", "robodesk:push_green",
                         "--preset", "paper"])[1]
