@@ -1187,7 +1187,7 @@ class Run:
         self.logdir = Path(cfg.logdir)
         self.checkpoint_path = self.logdir / "checkpoint.pt"
         # A checkpoint is checked before any data is built: one from other flags stops the run at once.
-        state = read_checkpoint(self.checkpoint_path, cfg) if self.checkpoint_path.exists() else None
+        state = read_checkpoint(self.checkpoint_path, cfg, command) if self.checkpoint_path.exists() else None
         self.target_replay = load_target_data(cfg) if command == "train" else None  # Alg. 1 line 1
         self.logdir.mkdir(parents=True, exist_ok=True)
         if command != "evaluate":  # evaluate only reads: the run may still be writing
@@ -1274,6 +1274,7 @@ class Run:
             self.bar.close()
         if self.saved[0] != self.progress["steps"]:
             self.save()
+        self.check_stop()  # e.g. one asked for during an online stage's last, unfinished episode
 
     def sample(self, replay):
         batch = replay.sample(self.cfg.batch_size, self.cfg.seq_len, self.rng)
@@ -1454,7 +1455,7 @@ class Run:
                 signal.signal(signum, handler)
 
 
-def read_checkpoint(path, cfg):
+def read_checkpoint(path, cfg, command="train"):
     """A run's checkpoint, refused with one line when it is damaged, foreign, of another format or of other flags.
     weights_only: a checkpoint holds tensors and plain data only, so loading one from elsewhere runs no code."""
     try:
@@ -1472,7 +1473,7 @@ def read_checkpoint(path, cfg):
     if state.get("version") != CHECKPOINT_VERSION:
         raise ConfigError(f"{path} was written by another version of coworld.py (checkpoint format "
                           f"{state.get('version', 1)}, this one reads {CHECKPOINT_VERSION}); use a new --logdir")
-    check_same_config(state["config"], cfg, path)
+    check_same_config(state["config"], cfg, path, command)
     return state
 
 
@@ -1480,12 +1481,14 @@ def first_line(error):
     return (str(error).strip().splitlines() or [""])[0]
 
 
-def check_same_config(saved, cfg, path):
+def check_same_config(saved, cfg, path, command="train"):
     """A checkpoint only resumes the run it came from: name the fields that differ."""
     current = dataclasses.asdict(cfg)
     # What may change between a run and its resume or evaluation: where and how it runs, logs and evaluates.
     ignore = {"device", "threads", "debug", "log_every", "checkpoint_every", "max_bad_updates", "logdir", "data_dir",
               "eval_episodes", "eval_random", "replay_images", "wandb"}
+    if command == "evaluate":  # acting runs without autocast; compiling changes its speed, not what it computes
+        ignore |= set(MACHINE_SETTINGS)
     diff = [f"{k} ({saved.get(k)!r} -> {current[k]!r})" for k in current
             if k not in ignore and json.dumps(saved.get(k)) != json.dumps(current[k])]
     if diff:
@@ -1826,6 +1829,26 @@ def make_config(given, command="train"):
     return cfg, notes
 
 
+MACHINE_SETTINGS = ("device", "threads", "precision", "compile")  # evaluate: this machine's, not the run's
+
+
+def evaluation_config(given):
+    """evaluate: the run's own config.json, so that `evaluate --logdir DIR` needs no other flag, on any device. Only
+    where it runs comes from this machine (and the evaluation flags given); other flags given must agree with the
+    run's (checked against its checkpoint)."""
+    path = Path(os.path.expanduser(given.get("logdir", ""))) / "config.json"
+    if "logdir" not in given or not path.is_file():
+        return make_config(given, "evaluate")
+    saved = json.loads(path.read_text())
+    values = {f.name: saved[f.name] for f in dataclasses.fields(Config)
+              if f.name in saved and f.name not in MACHINE_SETTINGS}
+    values.update(given)
+    values["source"] = tuple(values["source"])
+    cfg = resolve(dataclasses.replace(Config(), **values), "evaluate")
+    validate(cfg, "evaluate")
+    return cfg, []
+
+
 def parse_args(argv):
     """Command line -> (command, Config, notes)."""
     argv = list(argv)
@@ -1841,7 +1864,7 @@ def parse_args(argv):
         given["source"] = (given.pop("env"),)
     if "steps" in given:
         given["pretrain_steps"] = given.pop("steps")
-    return (command, *make_config(given, command))
+    return (command, *(evaluation_config(given) if command == "evaluate" else make_config(given, command)))
 
 
 # -- commands ----------------------------------------------------------------------------------

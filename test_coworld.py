@@ -1137,6 +1137,21 @@ def test_stop_return_stops_the_online_command_only():
         assert C.Run.reached_stop_return(run, 0) == stops, episodes
 
 
+def test_a_stop_request_is_honoured_at_the_end_of_a_loop():
+    # The end of a loop is a safe point: a stop asked for during an online stage's last, unfinished episode (no
+    # safe point left inside the loop) stops there, with a checkpoint, and not an episode of the next loop later.
+    saves = []
+    run = types.SimpleNamespace(cursor=0, progress={"steps": 0}, saved=(0, 0), cfg=small_cfg(), stop_requested=None,
+                                stop_signal=signal.SIGTERM, updates=lambda: 0, evaluate_periodically=lambda: None)
+    run.save = lambda: (saves.append(run.progress["steps"]), setattr(run, "saved", (run.progress["steps"], 0)))
+    run.check_stop = lambda now=False: C.Run.check_stop(run, now)
+    with pytest.raises(C.Interrupted):
+        for step in C.Run.steps(run, 3, "online stage", safe=lambda: False):
+            if step == 1:
+                run.stop_requested = "safe"
+    assert run.progress["steps"] == 3 and saves == [3]
+
+
 def test_periodic_evaluation_logs_learning_curves_without_moving_the_training(tmp_path):
     assert C.main(offline_flags(tmp_path / "a", K1=4, rounds=2, **{"eval-every": 3})) == 0
     assert C.main(offline_flags(tmp_path / "b", K1=4, rounds=2, **{"eval-every": 0})) == 0
@@ -1158,6 +1173,13 @@ def test_evaluate_reproduces_the_runs_results(tmp_path, capsys):
         capsys.readouterr()
         assert C.main(["evaluate", *argv]) == 0
         assert json.loads(capsys.readouterr().out) == results
+    # The run folder alone is enough, on any precision (acting runs without autocast); a flag that contradicts
+    # the run's is refused.
+    capsys.readouterr()
+    assert C.main(["evaluate", "--logdir", str(tmp_path / "run"), "--precision", "bf16"]) == 0
+    assert json.loads(capsys.readouterr().out) == results
+    assert C.main(["evaluate", "--logdir", str(tmp_path / "run"), "--beta2", "0.5"]) == 2
+    assert "beta2 (" in capsys.readouterr().err
 
 
 def test_wandb_logs_the_same_scalars_offline(tmp_path, monkeypatch):
