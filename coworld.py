@@ -1839,7 +1839,10 @@ def evaluation_config(given):
     path = Path(os.path.expanduser(given.get("logdir", ""))) / "config.json"
     if "logdir" not in given or not path.is_file():
         return make_config(given, "evaluate")
-    saved = json.loads(path.read_text())
+    try:
+        saved = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"{path}: damaged ({error}); pass the run's flags to evaluate it") from error
     values = {f.name: saved[f.name] for f in dataclasses.fields(Config)
               if f.name in saved and f.name not in MACHINE_SETTINGS}
     values.update(given)

@@ -1180,6 +1180,9 @@ def test_evaluate_reproduces_the_runs_results(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out) == results
     assert C.main(["evaluate", "--logdir", str(tmp_path / "run"), "--beta2", "0.5"]) == 2
     assert "beta2 (" in capsys.readouterr().err
+    (tmp_path / "run" / "config.json").write_text("{")
+    assert C.main(["evaluate", "--logdir", str(tmp_path / "run")]) == 2
+    assert f"{tmp_path / 'run' / 'config.json'}: damaged" in capsys.readouterr().err
 
 
 def test_wandb_logs_the_same_scalars_offline(tmp_path, monkeypatch):
