@@ -1843,13 +1843,8 @@ def evaluation_config(given):
         saved = json.loads(path.read_text())
     except json.JSONDecodeError as error:
         raise ConfigError(f"{path}: damaged ({error}); pass the run's flags to evaluate it") from error
-    values = {f.name: saved[f.name] for f in dataclasses.fields(Config)
-              if f.name in saved and f.name not in MACHINE_SETTINGS}
-    values.update(given)
-    values["source"] = tuple(values["source"])
-    cfg = resolve(dataclasses.replace(Config(), **values), "evaluate")
-    validate(cfg, "evaluate")
-    return cfg, []
+    fields = {f.name for f in dataclasses.fields(Config)} - set(MACHINE_SETTINGS)
+    return make_config({**{name: saved[name] for name in fields & saved.keys()}, **given}, "evaluate")
 
 
 def parse_args(argv):
