@@ -216,12 +216,17 @@ def parse_args(argv):
 
 def bench(cfg, updates, env_steps, check_updates, replay_steps, profile, plain):
     """Print update, acting and environment speeds in a form to paste into an issue."""
-    if cfg.threads:  # the measuring processes read it when they start
-        os.environ["OMP_NUM_THREADS"] = str(cfg.threads)
-        torch.set_num_threads(cfg.threads)
+    threads, share = cfg.threads, C.CoreShare.for_config(cfg)
+    if share:  # as coworld.py's runs do: the cores other processes leave free, looked at for a second
+        time.sleep(1.0)
+        threads, others = share.free_threads()
+    if threads:  # the measuring processes read it when they start
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
     print(f"coworld bench  {time.strftime('%Y-%m-%d')}  torch {torch.__version__}  device {cfg.device}"
           f"{' (' + torch.cuda.get_device_name() + ')' if cfg.device == 'cuda' else ''}  threads "
-          f"{torch.get_num_threads()}  cpus {os.cpu_count()}")
+          f"{torch.get_num_threads()}{f' (others kept {others:.1f} cores busy)' if share else ''}  "
+          f"cpus {os.cpu_count()}")
     print(f"preset {cfg.preset}  precision {cfg.precision}  batch {cfg.batch_size} x {cfg.seq_len}  "
           f"horizon {cfg.horizon}  latents {cfg.stoch}x{cfg.classes}  deter {cfg.deter}  cnn depth {cfg.cnn_depth}"
           f"{'  plain (no speed devices)' if plain else ''}")

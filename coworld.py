@@ -62,7 +62,7 @@ class Config:
     precision: str = param("auto", "auto (bf16 on CUDA, float32 on CPU) | float32 | bf16")
     compile: str = param("auto", "torch.compile the per-step RSSM functions: auto (on CUDA) | on | off")
     render: str = param("default", "default (the benchmarks' look) | fast (no shadows/reflections/MSAA)")
-    threads: int = param(0, "CPU threads of torch (0: every core); 1 where another process shares the cores")
+    threads: int = param(0, "CPU threads of torch (0: the cores other processes leave free, rechecked every 10 s)")
     debug: bool = param(False, "show tracebacks for errors")
     wandb: str = param("", "also log to this Weights & Biases project (needs the wandb package)")
     # Co-training (Table 7; None = the value of the target's suite)
@@ -1214,6 +1214,7 @@ class Run:
         self.stop_signal = signal.SIGINT
         self.selected = torch.zeros(len(self.sources), device=self.device)  # App. C choices (Table 6)
         self.last_metrics, self.bar, self.worked = {}, None, False  # worked: a step ran in this process
+        self.core_share = None  # CoreShare: torch's threads follow the free cores (--threads 0)
         if state is None:
             (self.logdir / "config.json").write_text(json.dumps(dataclasses.asdict(self.cfg), indent=2))
         else:
@@ -1262,6 +1263,7 @@ class Run:
                 yield step
                 self.progress["steps"] = first + step + 1
                 self.bar.update(1)
+                self.share_cores()
                 if until():
                     self.progress["steps"] = first + n
                     break
@@ -1275,6 +1277,11 @@ class Run:
         if self.saved[0] != self.progress["steps"]:
             self.save()
         self.check_stop()  # e.g. one asked for during an online stage's last, unfinished episode
+
+    def share_cores(self):
+        change = self.core_share.adjust() if self.core_share else None
+        if change:
+            self.bar.write(f"  {change}")
 
     def sample(self, replay):
         batch = replay.sample(self.cfg.batch_size, self.cfg.seq_len, self.rng)
@@ -1887,6 +1894,58 @@ def online(run):
     return run.final_evaluation(run.sources[0], run.source_names[0])
 
 
+class CoreShare:
+    """--threads 0: torch uses the cores that other processes leave free, rechecked every `every_s` seconds from
+    /proc/stat. Each parallel region waits for its slowest thread, so beside a process that keeps one of two cores
+    busy, two threads run an update 2.5x slower than one (README, Performance). Results depend on the thread
+    count in their last bits: --threads N (or OMP_NUM_THREADS) fixes it."""
+
+    def __init__(self, every_s=10.0):
+        self.most, self.every_s = torch.get_num_threads(), every_s
+        self.cores = set(os.sched_getaffinity(0))
+        self.last = self.sample()
+
+    @classmethod
+    def for_config(cls, cfg):
+        """One where the thread count is the code's to choose: no --threads, no OMP_NUM_THREADS, a Linux CPU."""
+        if cfg.threads or "OMP_NUM_THREADS" in os.environ or cfg.device != "cpu" or not Path("/proc/stat").exists():
+            return None
+        return cls()
+
+    def sample(self):
+        """(time, CPU seconds spent on this process's cores by anything, CPU seconds of this process)."""
+        busy = 0
+        with open("/proc/stat") as stat:
+            for line in stat:
+                name, *ticks = line.split()
+                if name[3:].isdigit() and int(name[3:]) in self.cores:
+                    user, nice, system, idle, iowait, irq, softirq, steal = map(int, ticks[:8])
+                    busy += user + nice + system + irq + softirq + steal  # steal: another VM has the core
+        own = os.times()
+        return time.monotonic(), busy / os.sysconf("SC_CLK_TCK"), own.user + own.system
+
+    def free_threads(self):
+        """(threads, cores others kept busy) over the time since the last call: a core that others kept more than
+        half busy is theirs."""
+        now = self.sample()
+        others = max(0.0, (now[1] - self.last[1]) - (now[2] - self.last[2])) / max(now[0] - self.last[0], 1e-9)
+        self.last = now
+        return max(1, min(self.most, len(self.cores) - round(others))), others
+
+    def adjust(self):
+        """At most every `every_s` seconds: torch's thread count follows the free cores. Returns a line saying so
+        when it changed."""
+        if time.monotonic() - self.last[0] < self.every_s:
+            return None
+        threads, others = self.free_threads()
+        if threads == torch.get_num_threads():
+            return None
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        return (f"threads {before} -> {threads}: other processes kept {others:.1f} of {len(self.cores)} cores busy "
+                f"(--threads N fixes the count)")
+
+
 def command_run(cfg, command, notes):
     """`train` (CoWorld, Algorithm 1) and `online` (one DreamerV2 agent): run or resume, then report."""
     announce(cfg, command, notes)
@@ -1894,6 +1953,7 @@ def command_run(cfg, command, notes):
         torch.set_num_threads(cfg.threads)
     with claimed(cfg.logdir):
         run = Run(cfg, command)
+        run.core_share = CoreShare.for_config(cfg)
         with run.stopping_on_signals():
             result = algorithm1(run) if command == "train" else online(run)
     print_result(result, run.logdir)

@@ -917,6 +917,37 @@ def test_acting_on_one_thread_acts_as_on_every_thread():
     assert actions[0][2] == pytest.approx(actions[1][2], rel=1e-5, abs=1e-6)
 
 
+@pytest.mark.skipif(not 2 <= torch.get_num_threads() == len(os.sched_getaffinity(0)),
+                    reason="needs 2 or more cores, a torch thread on each")
+def test_threads_follow_the_cores_other_processes_leave_free(monkeypatch):
+    # --threads 0: beside a process that keeps a core busy the run drops to the free cores, and takes them back
+    # when it ends; --threads N and OMP_NUM_THREADS are the user's choice and stay.
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    most = torch.get_num_threads()
+    share = C.CoreShare.for_config(small_cfg(threads=0))
+    share.every_s = 0.0
+    try:
+        time.sleep(1.0)
+        threads, others = share.free_threads()
+        if others > 0.3:
+            pytest.skip(f"other processes keep {others:.1f} cores busy: the test needs a quiet machine")
+        assert threads == most  # a quiet machine: every core
+        busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+        try:
+            time.sleep(2.0)
+            assert share.adjust().startswith(f"threads {most} -> {most - 1}: other processes kept")
+            assert torch.get_num_threads() == most - 1
+        finally:
+            busy.kill(), busy.wait()
+        time.sleep(1.0)
+        assert share.adjust().startswith(f"threads {most - 1} -> {most}") and torch.get_num_threads() == most
+    finally:
+        torch.set_num_threads(most)
+    assert C.CoreShare.for_config(small_cfg(threads=1)) is None
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert C.CoreShare.for_config(small_cfg(threads=0)) is None
+
+
 def test_compiled_steps_compute_what_the_eager_steps_do():
     # --compile on (the CUDA default) runs here under the CPU backend: the compiled per-step functions give
     # the eager h, logits, entropy and gradients for the same inputs (only their random draws differ).
@@ -1142,7 +1173,8 @@ def test_a_stop_request_is_honoured_at_the_end_of_a_loop():
     # safe point left inside the loop) stops there, with a checkpoint, and not an episode of the next loop later.
     saves = []
     run = types.SimpleNamespace(cursor=0, progress={"steps": 0}, saved=(0, 0), cfg=small_cfg(), stop_requested=None,
-                                stop_signal=signal.SIGTERM, updates=lambda: 0, evaluate_periodically=lambda: None)
+                                stop_signal=signal.SIGTERM, updates=lambda: 0, evaluate_periodically=lambda: None,
+                                share_cores=lambda: None)
     run.save = lambda: (saves.append(run.progress["steps"]), setattr(run, "saved", (run.progress["steps"], 0)))
     run.check_stop = lambda now=False: C.Run.check_stop(run, now)
     with pytest.raises(C.Interrupted):
