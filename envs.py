@@ -480,8 +480,9 @@ def _expert_open_slide(sim, state: dict) -> np.ndarray:
         target = [ee[0] + 1.0, handle[1], handle[2]]  # against the bar: push
     elif ee[0] < handle[0] - 0.03:
         target = [beside, handle[1], handle[2]]  # left of the bar: straight in
-    else:  # right of it: pass 9 cm in front (bar radius, the fingertips' 5 cm, a margin)
-        target = [beside, min(ee[1], handle[1] - 0.09), handle[2]]
+    else:  # right of it: diagonally (each axis at full speed) into a lane 9 cm in front (bar radius, the
+        # fingertips' 5 cm, a margin), then left along it
+        target = [beside, handle[1] - 0.09, handle[2]]
     return _action(_toward(sim, target), _wrist_toward(sim, vertical=True), -1.0)
 
 
@@ -491,8 +492,9 @@ def _expert_open_drawer(sim, state: dict) -> np.ndarray:
     drawer, 20 cm to the side, and pull on (success: the drawer joint below -0.2).
 
     The second hook exists because the bar cannot be pulled that close to the robot: the elbow
-    reaches its joint limit, which the package's inverse kinematics ignore. Pulling moves the hand
-    ~0.45 mm a step, so most 500-step episodes end with the drawer part open."""
+    reaches its joint limit, which the package's inverse kinematics ignore. The same limit can stop
+    the hand on its way down to the bar from some starts, and pulling moves the hand ~0.45 mm a
+    step, so most 500-step episodes end with the drawer part open."""
     data = sim.physics.named.data
     ee, tips, drawer = data.site_xpos["end_effector"], _fingertips(sim), data.xpos["drawer"]
     opened = -float(data.qpos["drawer_joint"][0])
