@@ -1214,7 +1214,8 @@ class Run:
         self.stop_signal = signal.SIGINT
         self.selected = torch.zeros(len(self.sources), device=self.device)  # App. C choices (Table 6)
         self.last_metrics, self.bar, self.worked = {}, None, False  # worked: a step ran in this process
-        self.core_share = None  # CoreShare: torch's threads follow the free cores (--threads 0)
+        # torch's threads follow the free cores (--threads 0) in the loops of train and online
+        self.core_share = CoreShare.for_config(cfg) if command != "evaluate" else None
         if state is None:
             (self.logdir / "config.json").write_text(json.dumps(dataclasses.asdict(self.cfg), indent=2))
         else:
@@ -1937,10 +1938,9 @@ class CoreShare:
         when it changed."""
         if time.monotonic() - self.last[0] < self.every_s:
             return None
-        threads, others = self.free_threads()
-        if threads == torch.get_num_threads():
+        (threads, others), before = self.free_threads(), torch.get_num_threads()
+        if threads == before:
             return None
-        before = torch.get_num_threads()
         torch.set_num_threads(threads)
         return (f"threads {before} -> {threads}: other processes kept {others:.1f} of {len(self.cores)} cores busy "
                 f"(--threads N fixes the count)")
@@ -1953,7 +1953,6 @@ def command_run(cfg, command, notes):
         torch.set_num_threads(cfg.threads)
     with claimed(cfg.logdir):
         run = Run(cfg, command)
-        run.core_share = CoreShare.for_config(cfg)
         with run.stopping_on_signals():
             result = algorithm1(run) if command == "train" else online(run)
     print_result(result, run.logdir)

@@ -948,6 +948,21 @@ def test_threads_follow_the_cores_other_processes_leave_free(monkeypatch):
     assert C.CoreShare.for_config(small_cfg(threads=0)) is None
 
 
+def test_every_step_of_a_loop_lets_the_threads_follow_the_free_cores():
+    # Run.steps asks the run's CoreShare after each step and writes the change it reports above the progress bar.
+    changes = iter([None, "threads 2 -> 1: other processes kept 1.0 of 2 cores busy (--threads N fixes the count)"])
+    asked, written = [], []
+    run = types.SimpleNamespace(cursor=0, progress={"steps": 0}, saved=(0, 0), cfg=small_cfg(), stop_requested=None,
+                                updates=lambda: 0, evaluate_periodically=lambda: None, save=lambda: None,
+                                check_stop=lambda now=False: None,
+                                core_share=types.SimpleNamespace(adjust=lambda: asked.append(1) or next(changes)))
+    run.share_cores = lambda: C.Run.share_cores(run)
+    for step in C.Run.steps(run, 2, "offline target"):
+        run.bar.write = written.append
+    assert len(asked) == 2 and written == ["  threads 2 -> 1: other processes kept 1.0 of 2 cores busy "
+                                           "(--threads N fixes the count)"]
+
+
 def test_compiled_steps_compute_what_the_eager_steps_do():
     # --compile on (the CUDA default) runs here under the CPU backend: the compiled per-step functions give
     # the eager h, logits, entropy and gradients for the same inputs (only their random draws differ).
