@@ -1,12 +1,14 @@
 """Speed and memory of CoWorld's updates, acting and environments: a much shorter version of coworld.py's training,
-for benchmarking (nanoGPT's bench.py). Every Config flag of coworld.py applies.
+for benchmarking (nanoGPT's bench.py). coworld.py's Config flags set what is timed (preset, sizes, device,
+precision, compile, threads; --source and --target set the action size); the updates timed are CoWorld's,
+whatever --method says.
 
     python bench.py --preset small --updates 5 --env-steps 0
     python bench.py --preset paper --device cuda --precision bf16 --compile on --updates 10 --profile
 
 It prints the median seconds per update, frames/s, GFLOP/s against the machine's matrix-multiply peak, peak
-memory, acting speed and environment steps per second, each measurement in its own process; lines to paste into
-an issue.
+memory, acting speed and environment steps per second, each update and acting measurement in its own process;
+lines to paste into an issue.
 """
 import dataclasses
 import math
@@ -30,20 +32,25 @@ FLAGS = {  # bench's own flags: name -> (type, default, help)
 }
 
 
-def synthetic_batch(cfg, action_size, seed):
+def synthetic_batch(cfg, actions, seed):
     """Random uint8 images and actions of a real batch's shapes and dtypes (timing does not depend on pixels)."""
     g = torch.Generator().manual_seed(seed)
     B, T = cfg.batch_size, cfg.seq_len
     batch = {"image": torch.randint(0, 256, (B, T, 64, 64, 3), dtype=torch.uint8, generator=g),
-             "action": torch.rand(B, T, action_size, generator=g) * 2 - 1, "reward": torch.rand(B, T, generator=g),
+             "action": torch.rand(B, T, actions, generator=g) * 2 - 1, "reward": torch.rand(B, T, generator=g),
              "is_first": torch.zeros(B, T, dtype=torch.bool), "is_terminal": torch.zeros(B, T, dtype=torch.bool)}
     batch["is_first"][:, 0] = True
     return {k: v.to(cfg.device) for k, v in batch.items()}
 
 
+def action_size(cfg):
+    """The shared action size of the run these flags describe (App. D's maximum action space)."""
+    return max(envs.action_size(name) for name in (*cfg.source, cfg.target))
+
+
 def agent(cfg, plain=False):
     """A fresh agent; plain: with its speed devices off (the plain expressions beside them run instead)."""
-    agent = C.Agent(cfg, 5).to(cfg.device)
+    agent = C.Agent(cfg, action_size(cfg)).to(cfg.device)
     if plain:
         agent.single_thread_acting = agent.wm.decoder.first_as_matmul = False
     return agent
@@ -56,7 +63,7 @@ def bench_step(cfg, kind, seed, plain=False):
     target, source = (agent(cfg, plain).build_optimisers() for _ in range(2))
     step = {"target": lambda b, b2: C.target_update(target, b, cfg, [source]),
             "source": lambda b, b2: C.source_update(source, b, cfg, b2, eta=0.5)}[kind]
-    return step, [synthetic_batch(cfg, 5, seed + i) for i in range(2)]
+    return step, [synthetic_batch(cfg, action_size(cfg), seed + i) for i in range(2)]
 
 
 def peak_memory(cfg):
@@ -116,10 +123,10 @@ def bench_precision(cfg, updates=20, tolerance=0.05):
     for precision in ("float32", "bf16"):
         torch.manual_seed(0)
         run_cfg = dataclasses.replace(cfg, precision=precision)
-        target, source = (C.Agent(run_cfg, 5).to(cfg.device).build_optimisers() for _ in range(2))
+        target, source = (C.Agent(run_cfg, action_size(cfg)).to(cfg.device).build_optimisers() for _ in range(2))
         losses = []
         for i in range(updates):
-            metrics, _ = C.target_update(target, synthetic_batch(run_cfg, 5, i), run_cfg, [source])
+            metrics, _ = C.target_update(target, synthetic_batch(run_cfg, action_size(cfg), i), run_cfg, [source])
             losses.append([float(metrics["image_nll"]) - constant, float(metrics["reward_nll"]),
                            float(metrics["kl"])])
         runs[precision] = np.array(losses)
@@ -141,7 +148,7 @@ def bench_act(cfg, plain=False, steps=200):
     return {"steps_per_s": steps / (time.perf_counter() - start)}
 
 
-def write_bench_dataset(directory, steps, length=501):
+def write_bench_dataset(directory, steps, actions, length=501):
     """A dataset of `steps` time steps in the on-disk layout, with smooth synthetic images (memory use does not
     depend on the pixels; smooth ones compress fast)."""
     rng = np.random.default_rng(0)
@@ -152,7 +159,7 @@ def write_bench_dataset(directory, steps, length=501):
         image = (ramp[None, :, None, None] + ramp[None, None, :, None] + offsets).astype(np.uint8)
         flags = np.arange(n)
         envs.save_episode(directory, {
-            "image": image, "action": rng.uniform(-1, 1, (n, 5)).astype(np.float32),
+            "image": image, "action": rng.uniform(-1, 1, (n, actions)).astype(np.float32),
             "reward": rng.uniform(0, 1, n).astype(np.float32), "discount": np.ones(n, np.float32),
             "is_first": flags == 0, "is_last": flags == n - 1, "is_terminal": flags < 0})
 
@@ -162,16 +169,17 @@ def bench_replay(cfg, directory, updates):
     torch.manual_seed(0)
     start = time.perf_counter()
     replay = envs.Replay(capacity=cfg.replay_capacity, spill_dir=C.spill_dir(cfg))
-    for episode in envs.iter_dataset(directory, action_size=5):
+    for episode in envs.iter_dataset(directory, action_size=action_size(cfg)):
         replay.add(episode, save=False)
     load_s, rng = time.perf_counter() - start, np.random.default_rng(0)
     start = time.perf_counter()
     for _ in range(10):
         replay.sample(cfg.batch_size, cfg.seq_len, rng)
     sample_s = (time.perf_counter() - start) / 10
-    agent = C.Agent(cfg, 5).to(cfg.device).build_optimisers()
+    agent = C.Agent(cfg, action_size(cfg)).to(cfg.device).build_optimisers()
     for _ in range(updates):
-        C.target_update(agent, C.to_torch(replay.sample(cfg.batch_size, cfg.seq_len, rng), 5, cfg.device), cfg)
+        batch = replay.sample(cfg.batch_size, cfg.seq_len, rng)
+        C.target_update(agent, C.to_torch(batch, action_size(cfg), cfg.device), cfg)
     return {"steps": replay.num_steps, "load_s": load_s, "sample_s": sample_s, "peak_gb": peak_memory(cfg) / 1e9}
 
 
@@ -204,14 +212,15 @@ def parse_args(argv):
     parser.add_argument("--profile", action="store_true", help="also profile one update of each kind: the operators "
                         "that take the most time, operator calls and kernel launches")
     parser.add_argument("--plain", action="store_true", help="the speed devices off (the decoder's first layer as "
-                        "its transposed convolution, acting on every thread): what they buy")
+                        "its transposed convolution, acting on every thread, no torch.compile): what they buy")
     given = vars(parser.parse_args(argv))
     extra = {name: given.pop(name, default) for name, (_, default, _) in FLAGS.items()}
     extra["profile"], extra["plain"] = given.pop("profile", False), given.pop("plain", False)
     for name in ("updates", "replay_steps", "env_steps", "check_updates"):
         if extra[name] < (1 if name == "updates" else 0):
             raise C.ConfigError(f"{C.flag_name(name)} must be at least {1 if name == 'updates' else 0}")
-    return C.make_config(given, "bench")[0], extra
+    cfg = C.make_config(given, "bench")[0]
+    return (dataclasses.replace(cfg, compile="off") if extra["plain"] else cfg), extra
 
 
 def bench(cfg, updates, env_steps, check_updates, replay_steps, profile, plain):
@@ -249,7 +258,7 @@ def bench(cfg, updates, env_steps, check_updates, replay_steps, profile, plain):
               f"{worst} (tolerance {r['tolerance']:.0%}): {'ok' if r['ok'] else 'FAILED'}")
     if replay_steps:
         with tempfile.TemporaryDirectory(dir=cfg.data_dir if os.path.isdir(cfg.data_dir) else None) as directory:
-            write_bench_dataset(directory, replay_steps)
+            write_bench_dataset(directory, replay_steps, action_size(cfg))
             for images in ("memory", "disk"):
                 run_cfg = dataclasses.replace(cfg, replay_images=images, logdir=directory)
                 r = in_subprocess(bench_replay, run_cfg, directory, updates)

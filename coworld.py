@@ -438,7 +438,7 @@ def kl_loss(post, prior, balance, free):
 
     balance * max(KL[sg(q) || p], free) + (1 - balance) * max(KL[q || sg(p)], free): the first side trains
     the prior toward the posterior, the second regularises the posterior; free nats apply to each batch
-    mean. post (1, ...), prior (E, ...): with several priors their KLs are averaged.
+    mean. post (1, ...), prior (E, ...) broadcast against it (world_model_loss passes one member, E = 1).
     """
     prior_side = categorical_kl(post.detach(), prior).mean()
     post_side = categorical_kl(post, prior.detach()).mean()
@@ -554,13 +554,14 @@ def lambda_return(reward, value, discount, lambda_):
 def value_constraint(v, v_source, alpha, kind="max"):
     """Eq. (6), min-max value constraint: alpha * max(v_xi(z), sg(v_xi'(z))).
 
-    kind="linear" is Section 4.5's "w/o Max" variant (alpha * v); kind="none" gives Eq. (11).
+    kind="linear" is Section 4.5's "w/o Max" variant (alpha * v). Without Stage C (--value-constraint none)
+    critic_loss gets no source value and is Eq. (11).
     """
     if kind == "max":
         return alpha * torch.maximum(v, v_source.detach())
     if kind == "linear":
         return alpha * v
-    return torch.zeros_like(v)
+    raise ValueError(f"value constraint {kind!r}: max or linear")
 
 
 def critic_loss(v, V, weight, v_source=None, alpha=0.0, kind="max"):
@@ -888,7 +889,7 @@ def learn_behaviour(agent, h, z, is_terminal, cfg, source_critics=None, omega=No
 # fraction of the activation memory. Tested against the plain path.
 
 def recompute_in_chunks(module, x, chunks):
-    """module(x) whose activations are not kept but recomputed in the backward pass, `chunks` frames at a time.
+    """module(x) whose activations are not kept but recomputed in the backward pass, in `chunks` parts of the frames.
 
     For the encoder's first two convolutions: their outputs are the largest activations of an update (650 MB
     of 2,500 frames at the paper's size) and their gradients as large again, while recomputing them costs
@@ -1158,6 +1159,7 @@ def algorithm1(run):
 
 COMMANDS = ("train", "online", "evaluate")
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2)
+STOP_RETURN_EPISODES = 5  # --stop-return: the mean return of this many last episodes
 CHECKPOINT_VERSION = 4  # raised when a checkpoint's meaning changes (4: the GRU's bias, one prior member trained)
 
 
@@ -1327,9 +1329,9 @@ class Run:
 
     def reached_stop_return(self, i):
         """The medium-replay recipe: only the online command stops early; Algorithm 1's stages run in full."""
-        recent = self.progress["episodes"][i][-5:]
-        return (self.command == "online" and self.cfg.stop_return is not None and len(recent) == 5
-                and np.mean(recent) >= self.cfg.stop_return)
+        recent = self.progress["episodes"][i][-STOP_RETURN_EPISODES:]
+        return (self.command == "online" and self.cfg.stop_return is not None
+                and len(recent) == STOP_RETURN_EPISODES and np.mean(recent) >= self.cfg.stop_return)
 
     def evaluate_periodically(self):
         """Every eval_every target updates, the target agent's evaluation (the final one's settings, no video) goes
@@ -1481,6 +1483,10 @@ def read_checkpoint(path, cfg, command="train"):
     if state.get("version") != CHECKPOINT_VERSION:
         raise ConfigError(f"{path} was written by another version of coworld.py (checkpoint format "
                           f"{state.get('version', 1)}, this one reads {CHECKPOINT_VERSION}); use a new --logdir")
+    if command == "evaluate" and state["target"] is None:
+        raise ConfigError(f"{path} is of an online run (no target agent to evaluate): its results.json holds the "
+                          f"online agent's evaluation, and the same `coworld.py online` command evaluates it again "
+                          f"once that file is gone")
     check_same_config(state["config"], cfg, path, command)
     return state
 
@@ -1701,6 +1707,16 @@ CHOICES = {"method": METHODS, "device": ("cpu", "cuda"), "precision": ("float32"
            "value_constraint": ("max", "linear", "none"), "dataset_policy": ("auto", "random", "scripted")}
 
 
+def value_error(name, value):
+    """What is wrong with a flag's value on its own (its choices, its range), or None: what can be checked before
+    the run's machine is known (a grid's flags are checked with it before anything is submitted)."""
+    if name in CHOICES:
+        named = ("auto", *CHOICES[name]) if name in ("device", "precision", "compile") else CHOICES[name]
+        return None if value in named else f"{flag_name(name)} must be {', '.join(named[:-1])} or {named[-1]}"
+    numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+    return range_error(name, value) if numeric else None
+
+
 def range_error(name, value):
     """What is wrong with a numeric flag's value, or None."""
     if not math.isfinite(value):
@@ -1717,13 +1733,8 @@ def range_error(name, value):
 
 def validate(cfg: Config, command: str = "train"):
     """Reject values that cannot work, with a message that says which flag to change."""
-    for name, choices in CHOICES.items():
-        if getattr(cfg, name) not in choices:
-            named = ("auto", *choices) if name in ("device", "precision", "compile") else choices
-            raise ConfigError(f"{flag_name(name)} must be {', '.join(named[:-1])} or {named[-1]}")
     for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and (error := range_error(f.name, value)):
+        if error := value_error(f.name, getattr(cfg, f.name)):
             raise ConfigError(error)
     sources = cfg.source if command == "online" or cfg.method != "offline-dv2" else ()
     checks = [
@@ -1745,7 +1756,8 @@ def validate(cfg: Config, command: str = "train"):
     used = cfg.source if command == "online" else (*sources, cfg.target)
     for name in used:  # only the environments the command uses: the others need not be installed
         envs.check_env_name(name)
-    check_writable(cfg.logdir)
+    if command != "bench":  # bench.py writes no run folder
+        check_writable(cfg.logdir)
 
 
 def is_inside(path, folder):
@@ -1796,7 +1808,8 @@ def build_parser(prog, description):
     hints = typing.get_type_hints(Config)
     for f in dataclasses.fields(Config):
         kind = typing.get_args(hints[f.name])[0] if typing.get_origin(hints[f.name]) is typing.Union else hints[f.name]
-        kwargs = dict(help=f"{f.metadata['help']} (default: {f.default})")
+        small = f"; small preset: {PRESETS['small'][f.name]}" if f.name in PRESETS["small"] else ""
+        kwargs = dict(help=f"{f.metadata['help']} (default: {f.default}{small})")
         if kind is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         elif kind is tuple:
@@ -1807,7 +1820,7 @@ def build_parser(prog, description):
     return parser
 
 
-# Flags a method does not read: given anyway, they are named in a note.
+# Flags a method does not read: given anyway, they are named in a note (unused_flags adds those its settings turn off).
 UNUSED = {
     "offline-dv2": ("source", "state_alignment", "reward_alignment", "value_constraint", "beta2", "k", "alpha", "K2",
                     "eta_start", "eta_end", "pretrain_steps", "target_pretrain", "ewc_lambda", "ewc_batches"),
@@ -1816,6 +1829,20 @@ UNUSED = {
     "coworld": ("ewc_lambda", "ewc_batches", "ensemble", "penalty"),
 }
 UNUSED["dv2-finetune-ewc"] = tuple(n for n in UNUSED["dv2-finetune"] if not n.startswith("ewc"))
+
+
+def unused_flags(cfg):
+    """The Config fields train does not read with these settings: the method's (UNUSED), the online command's
+    stop_return, the online stage's settings where there is none (offline-dv2), App. C's target pretraining
+    with one source, and what Stages B and C read when they are off."""
+    names = [*UNUSED.get(cfg.method, ()), "stop_return"]
+    if cfg.method == "offline-dv2":
+        names += ["prefill", "train_every", "replay_capacity"]
+    if cfg.method == "coworld":
+        names += ["target_pretrain"] if len(cfg.source) == 1 else []
+        names += [] if cfg.reward_alignment else ["k", "eta_start", "eta_end"]
+        names += ["alpha"] if cfg.value_constraint == "none" else []
+    return names
 
 
 def make_config(given, command="train"):
@@ -1832,7 +1859,7 @@ def make_config(given, command="train"):
         raise ConfigError(f"--preset must be auto or one of {', '.join(PRESETS)}")
     cfg = resolve(dataclasses.replace(Config(), **{**PRESETS[preset], **given, "preset": preset}), command)
     validate(cfg, command)
-    unused = [flag_name(name) for name in UNUSED.get(cfg.method, ()) if name in given] if command == "train" else []
+    unused = [flag_name(name) for name in unused_flags(cfg) if name in given] if command == "train" else []
     notes = [f"--method {cfg.method} does not use {', '.join(unused)}"] if unused else []
     return cfg, notes
 
@@ -1878,8 +1905,8 @@ def parse_args(argv):
 def announce(cfg, command, notes=()):
     notes = list(notes)
     if cfg.preset == "small":
-        notes.append("no CUDA device: using the `small` preset (--preset paper forces the paper's values)"
-                     if cfg.device == "cpu" else "using the `small` preset")
+        reason = "no CUDA device: " if not torch.cuda.is_available() else "on the CPU: " if cfg.device == "cpu" else ""
+        notes.append(f"{reason}using the `small` preset (--preset paper forces the paper's values)")
     if cfg.render == "fast":
         notes.append("fast rendering (no shadows, reflections or multisampling): images differ from the benchmarks'")
     if cfg.eval_episodes < 10:
@@ -1989,6 +2016,8 @@ def claimed(logdir):
 def command_evaluate(cfg):
     if not (Path(cfg.logdir) / "checkpoint.pt").exists():
         raise ConfigError(f"no checkpoint in {cfg.logdir}: pass the --logdir (and flags) of a run")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     run = Run(cfg, "evaluate")
     result = evaluate(run.target, cfg.target, cfg, cfg.eval_episodes, run.logdir / "videos" / "evaluate.mp4")
     if cfg.eval_random:
@@ -2022,11 +2051,13 @@ def stop_signals():
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    debug = "--debug" in argv
+    # --debug shows the traceback of an error in the flags too, so it is read before they are parsed; the last wins
+    debug = next((flag == "--debug" for flag in reversed(argv) if flag in ("--debug", "--no-debug")), False)
     # Until a run takes them over (it stops at a safe point), SIGTERM and SIGUSR2 stop as Ctrl-C does.
     previous = {signum: signal.signal(signum, interrupted) for signum in stop_signals() if signum != signal.SIGINT}
     try:
         command, cfg, notes = parse_args(argv)
+        debug = cfg.debug
         return command_evaluate(cfg) if command == "evaluate" else command_run(cfg, command, notes)
     except (ConfigError, envs.EnvError, envs.DatasetError, FloatingPointError, OSError) as error:
         if debug:

@@ -494,7 +494,9 @@ def _expert_open_drawer(sim, state: dict) -> np.ndarray:
     The second hook exists because the bar cannot be pulled that close to the robot: the elbow
     reaches its joint limit, which the package's inverse kinematics ignore. The same limit can stop
     the hand on its way down to the bar from some starts, and pulling moves the hand ~0.45 mm a
-    step, so most 500-step episodes end with the drawer part open."""
+    step, so most 500-step episodes end with the drawer part open. The action sets where the hand goes,
+    not how it points: from a start pose that leans the hand away from the robot, no route tried to the
+    bar (down first, down in front of it, straight lines) keeps the elbow off its limit."""
     data = sim.physics.named.data
     ee, tips, drawer = data.site_xpos["end_effector"], _fingertips(sim), data.xpos["drawer"]
     opened = -float(data.qpos["drawer_joint"][0])
@@ -1101,18 +1103,11 @@ class Replay:
         return stored
 
     def sample(self, batch: int, length: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
-        """A dict of (batch, length, ...) arrays for EPISODE_KEYS, dtypes as stored."""
-        return self.gather(self.draw_starts(batch, rng), length)
-
-    def draw_starts(self, batch: int, rng: np.random.Generator) -> np.ndarray:
-        """The random part of sample(): where each of the ``batch`` windows starts."""
+        """A dict of (batch, length, ...) arrays for EPISODE_KEYS, dtypes as stored: ``batch`` windows starting
+        anywhere in the replay, running on into the following episodes."""
         if not self._episodes:
             raise ValueError("cannot sample from an empty replay")
-        return rng.integers(0, self.num_steps, size=batch)
-
-    def gather(self, starts: np.ndarray, length: int) -> dict[str, np.ndarray]:
-        """The reading part of sample(): the windows at ``starts``. It only reads, so another thread may run it
-        while the replay receives no episodes."""
+        starts = rng.integers(0, self.num_steps, size=batch)
         first = self._episodes[0]
         out = {key: np.empty((len(starts), length, *first[key].shape[1:]), first[key].dtype) for key in EPISODE_KEYS}
         for row, start in enumerate(starts):
@@ -1397,7 +1392,7 @@ def build_parser() -> argparse.ArgumentParser:
     check = commands.add_parser("expert", help="success rate, mean return and steps to success of a scripted expert")
     check.add_argument("--env", required=True, help="family:task with a scripted expert, e.g. robodesk:open_slide")
     check.add_argument("--episodes", type=_positive_int, default=20)
-    check.add_argument("--seed", type=int, default=0, help="episode i is reset with seed S + i")
+    check.add_argument("--seed", type=_seed, default=0, help="episode i is reset with seed S + i")
     check.add_argument("--render", choices=RENDERS, default="default")
     check.add_argument("--max-steps", type=_positive_int, default=None)
     speed = commands.add_parser("bench", help="print steps per second of a task per family and the modified DMC")

@@ -328,7 +328,16 @@ def write_json(path, data):
 
 def read_json(path):
     path = Path(path)
-    return json.loads(path.read_text()) if path.exists() else None
+    return parse_json(path.read_text(), path) if path.exists() else None
+
+
+def parse_json(text, path, line=None):
+    """A run folder's JSON, or a UsageError naming the damaged file (and line), not a traceback."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        where = f"{path}, line {line}" if line else str(path)
+        raise UsageError(f"{where} is damaged ({error}); mend or delete it, or move that run folder away") from None
 
 
 def lock_held(folder):
@@ -461,7 +470,10 @@ def select_entries(grid, targets, methods):
 PARSE_FLAGS = """import json, sys, coworld
 for name, argv in json.load(sys.stdin):
     try:
-        coworld.build_parser("coworld.py", "").parse_args(argv)
+        given = vars(coworld.build_parser("coworld.py", "").parse_args(argv))
+        errors = [error for flag, value in given.items() if (error := coworld.value_error(flag, value))]
+        if errors:
+            raise coworld.ConfigError(errors[0])
     except coworld.ConfigError as error:
         sys.exit(f"coworld.py does not accept the flags of {name}: {error}")
 """
@@ -469,7 +481,8 @@ for name, argv in json.load(sys.stdin):
 
 def check_common_flags(common, entries, seeds):
     """Flags after `--` go to every run: they must not set what the grid sets, and coworld.py must accept them
-    with each cell's own flags, before anything is submitted."""
+    and their values with each cell's own flags, before anything is submitted (here, not on the run's machine:
+    whether its environments and device exist is checked when each run starts)."""
     for token in common:
         if token.split("=", 1)[0] in RUN_FLAGS:
             raise UsageError(f"{token} after -- is set by the grid for each run (use --seeds, --targets, --methods, "
@@ -671,8 +684,8 @@ def load_runs(folder):
         results, status = read_json(path / "results.json"), read_json(path / "status.json")
         evals = []
         if (path / "metrics.jsonl").exists():
-            for line in (path / "metrics.jsonl").read_text().splitlines():
-                record = json.loads(line)
+            for number, line in enumerate((path / "metrics.jsonl").read_text().splitlines(), 1):
+                record = parse_json(line, path / "metrics.jsonl", number)
                 if "eval/return_mean" in record:
                     evals.append(record)
         state, detail = run_state(path, results, status)
@@ -1039,6 +1052,9 @@ def command_report(args):
 # =============================================================================================
 
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, **kwargs):
+        super().__init__(allow_abbrev=False, **kwargs)  # --seed is not --seeds
+
     def error(self, message):
         raise UsageError(message)
 

@@ -568,6 +568,8 @@ def test_eq6_value_regression_term():
     assert loss.item() == pytest.approx((0.5 * 1 + 0.5 * 4) / 2)
     loss.backward()
     torch.testing.assert_close(v.grad, torch.tensor([0.5, -1.0]))
+    with pytest.raises(ValueError, match="max or linear"):  # a misspelt constraint is no silent Eq. (11)
+        C.critic_loss(v, V, torch.ones(2), V, 1.0, "Max")
 
 
 def test_target_update_never_trains_the_source_critic():
@@ -2146,6 +2148,7 @@ def test_cli_expert_prints_success_rate_return_and_steps(tmp_path):
     (["collect", "--env", "dmc:walker_walk", "--policy", "random", "--episodes", "1", "--out", "OUT", "--seed", "-1"],
      "--seed"),
     (["collect", "--env", "dmc:walker_walk", "--policy", "random", "--episode", "1", "--out", "OUT"], "--episode"),
+    (["expert", "--env", "robodesk:push_green", "--seed", "-1"], "--seed"),
     ([], "required"),
 ])
 def test_cli_bad_input_is_one_line_and_exit_code_2(tmp_path, args, message):
@@ -2189,12 +2192,18 @@ def test_cli_bench_prints_what_an_issue_needs(tmp_path):
         assert "Self CPU" in lines[at + 2] and "aten::" in "".join(lines[at + 3: at + 8])
 
 
-def test_bench_checks_its_flags_before_any_work():
+def test_bench_checks_its_flags_before_any_work(tmp_path):
     import bench
     for flags, message in ((["--replay-steps", "-5"], "--replay-steps must be at least 0"),
                            (["--updates", "0"], "--updates must be at least 1"), (["--update", "3"], "unrecognized")):
         with pytest.raises(C.ConfigError, match=message):
             bench.parse_args(flags)
+    (tmp_path / "file").write_text("")  # bench writes no run folder, so one it could not write is no error
+    cfg, extra = bench.parse_args(["--logdir", str(tmp_path / "file" / "run"), "--plain", "--compile", "on"])
+    assert extra["plain"] and cfg.compile == "off"  # --plain: no speed devices, torch.compile included
+    assert bench.action_size(cfg) == 5  # window-close (4) -> open_slide (5): the larger
+    walker = bench.parse_args(["--source", "dmc:walker_walk", "--target", "dmc:walker_uphill"])[0]
+    assert bench.action_size(walker) == 6 and bench.bench_step(walker, "target", 0)[1][0]["action"].shape[-1] == 6
 
 
 # ---- experiments.py: grids, launch, report ----
@@ -2415,6 +2424,12 @@ def test_experiments_report_curves_values_and_source_selection(tmp_path):
              selected={s: (10.0 if s == X.mw("window-close") else 18.0) for s in push.sources})
     assert X.main(["report", str(out)]) == 0
     report, data = (out / "report.md").read_text(), X.read_json(out / "report.json")
+    damaged = out / X.run_name(wo_max, 0) / "metrics.jsonl"
+    kept = damaged.read_text()
+    damaged.write_text(kept + '{"step": 400, "eval/ret\n')
+    with pytest.raises(X.UsageError, match=f"{re.escape(str(damaged))}, line {kept.count(chr(10)) + 1} is damaged"):
+        X.load_runs(out)
+    damaged.write_text(kept)
     # Learning curves: mean and 95% t-interval over the seeds that reached each step.
     points = data["grids"]["figure5b"]["curves"][X.mw("door-close")]
     for entry in (coworld, offline):
@@ -2499,6 +2514,13 @@ def test_experiments_slurm_submission_without_a_cluster(tmp_path):
     dry = run_experiments_cli("launch", "figure5a", "--dry-run", "--out", str(tmp_path / "dry"))
     assert dry.returncode == 0 and dry.stdout.count("coworld.py --method coworld") == 12
     assert not (tmp_path / "dry").exists()
+    # Values every run would refuse are refused before anything is submitted; a flag is never abbreviated.
+    for flags, message in ((["--", "--K1", "0"], "--K1 must be at least 1, got 0"),
+                           (["--", "--value-constraint", "max2"], "--value-constraint must be max, linear or none"),
+                           (["--seed", "0"], "unrecognized arguments: --seed 0")):
+        refused = run_experiments_cli("launch", "figure5a", "--dry-run", "--out", str(tmp_path / "dry"), *flags)
+        assert refused.returncode == 2 and message in refused.stderr and "Traceback" not in refused.stderr
+    assert not (tmp_path / "dry").exists()
 
 
 def test_experiments_slurm_job_checkpoints_requeues_and_resumes(tmp_path):
@@ -2567,9 +2589,11 @@ def test_experiments_statistics_against_a_hand_computation():
 
 
 def kill_run_flags(tmp_path, name):
+    # One thread count for every run: a resume is exact on the same count, and --threads 0 would follow the
+    # machine's load, which differs between the reference run and the killed one.
     return ["--source", "dmc:cartpole_balance", "--target", "dmc:cartpole_swingup",
-            *tiny_flags(tmp_path / name, K1=6, K2=40, rounds=2, **{"pretrain-steps": 60, "target-episodes": 3,
-                                                                 "data-dir": tmp_path / "data", "eval-every": 4})]
+            *tiny_flags(tmp_path / name, K1=6, K2=40, rounds=2, threads=1,
+                        **{"pretrain-steps": 60, "target-episodes": 3, "data-dir": tmp_path / "data", "eval-every": 4})]
 
 
 def run_summary(logdir):
@@ -2806,6 +2830,8 @@ def test_bad_input_from_the_command_line_has_no_traceback(tmp_path):
     assert "open_slide" in out.stderr  # the valid names are listed
     out = run_coworld_cli("--target", "robodesk:open_slid", "--debug", "--logdir", str(tmp_path / "out"))
     assert out.returncode == 2 and "Traceback" in out.stderr
+    out = run_coworld_cli("--target", "robodesk:open_slid", "--debug", "--no-debug", "--logdir", str(tmp_path / "out"))
+    assert out.returncode == 2 and "Traceback" not in out.stderr  # the last of the two wins
 
 
 def test_missing_gl_library_from_the_main_command(tmp_path, monkeypatch, capsys):
@@ -2826,6 +2852,16 @@ def test_flags_a_method_does_not_read_are_named(tmp_path, capsys):
     notes = C.parse_args(argv)[2]
     assert notes == ["--method offline-dv2 does not use --source, --state-alignment"]
     assert C.parse_args(argv[:4] + argv[7:])[2] == []
+    # What the settings turn off: the online command's early stop, offline-dv2's absent online stage, App. C's
+    # target pretraining with one source, Stage B's k and eta without Stage B, Stage C's alpha without Stage C.
+    assert C.parse_args([*argv[:4], "--stop-return", "5", "--prefill", "9", "--train-every", "2"])[2] == [
+        "--method offline-dv2 does not use --stop-return, --prefill, --train-every"]
+    coworld = ["--source", "dmc:walker_walk", "--target", "dmc:cartpole_swingup", "--target-pretrain", "3",
+               "--k", "0.5"]
+    assert C.parse_args(coworld)[2] == ["--method coworld does not use --target-pretrain"]
+    assert C.parse_args([*coworld, "--no-reward-alignment", "--value-constraint", "none", "--alpha", "2"])[2] == [
+        "--method coworld does not use --target-pretrain, --k, --alpha"]
+    assert C.parse_args([*coworld[:2], "dmc:cheetah_run", *coworld[2:]])[2] == []  # two sources: App. C pretrains
     with pytest.raises(C.ConfigError, match="online needs --env"):
         C.parse_args(["online", "--steps", "10"])
 
@@ -2848,6 +2884,10 @@ def test_checkpoint_from_another_config_names_the_fields(tmp_path, capsys):
     assert C.main([*argv, "--gamma", "0.9", "--horizon", "5"]) == 2
     err = capsys.readouterr().err
     assert "different config" in err and "gamma (0.995 -> 0.9)" in err and "horizon (15 -> 5)" in err
+    assert snapshot(tmp_path) == before
+    # An online run has no target agent: evaluate says so in one line and touches nothing.
+    assert C.main(["evaluate", "--logdir", str(tmp_path / "run")]) == 2
+    assert "is of an online run (no target agent to evaluate)" in capsys.readouterr().err
     assert snapshot(tmp_path) == before
     # A checkpoint of an older format (its counters meant something else) is refused, not misread.
     state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
