@@ -1186,6 +1186,8 @@ class Run:
 
     def __init__(self, cfg, command="train"):
         self.cfg, self.command = cfg, command
+        if cfg.threads:  # --threads N, for every command; 0: the CoreShare below, in the loops of train and online
+            torch.set_num_threads(cfg.threads)
         self.logdir = Path(cfg.logdir)
         self.checkpoint_path = self.logdir / "checkpoint.pt"
         # A checkpoint is checked before any data is built: one from other flags stops the run at once.
@@ -1976,8 +1978,6 @@ class CoreShare:
 def command_run(cfg, command, notes):
     """`train` (CoWorld, Algorithm 1) and `online` (one DreamerV2 agent): run or resume, then report."""
     announce(cfg, command, notes)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
     with claimed(cfg.logdir):
         run = Run(cfg, command)
         with run.stopping_on_signals():
@@ -2016,8 +2016,6 @@ def claimed(logdir):
 def command_evaluate(cfg):
     if not (Path(cfg.logdir) / "checkpoint.pt").exists():
         raise ConfigError(f"no checkpoint in {cfg.logdir}: pass the --logdir (and flags) of a run")
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
     run = Run(cfg, "evaluate")
     result = evaluate(run.target, cfg.target, cfg, cfg.eval_episodes, run.logdir / "videos" / "evaluate.mp4")
     if cfg.eval_random:

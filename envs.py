@@ -495,8 +495,8 @@ def _expert_open_drawer(sim, state: dict) -> np.ndarray:
     reaches its joint limit, which the package's inverse kinematics ignore. The same limit can stop
     the hand on its way down to the bar from some starts, and pulling moves the hand ~0.45 mm a
     step, so most 500-step episodes end with the drawer part open. The action sets where the hand goes,
-    not how it points: from a start pose that leans the hand away from the robot, no route tried to the
-    bar (down first, down in front of it, straight lines) keeps the elbow off its limit."""
+    not how it points (the package's inverse kinematics solve for position alone), so a hand that starts
+    leaning away from the robot cannot be turned to reach the bar with the elbow bent less."""
     data = sim.physics.named.data
     ee, tips, drawer = data.site_xpos["end_effector"], _fingertips(sim), data.xpos["drawer"]
     opened = -float(data.qpos["drawer_joint"][0])

@@ -1118,6 +1118,11 @@ def test_main_command_end_to_end_and_resume(tmp_path, monkeypatch, capsys):
     files = (run / "replay", run / "checkpoint.pt", run / ".checkpoint.pt.tmp123", run / "metrics.jsonl")
     assert snapshot(*files) == before
     assert (run / "videos" / "evaluate.mp4").stat().st_size > 0
+    set_threads, threads, set_num_threads = [], torch.get_num_threads(), torch.set_num_threads
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: set_threads.append(n) or set_num_threads(n))
+    assert C.main(["evaluate", "--logdir", str(run), "--eval-episodes", "1", "--threads", "2"]) == 0
+    set_num_threads(threads)  # the test process keeps its threads
+    assert set_threads[0] == 2  # --threads N reaches torch in evaluate too, before acting's own single thread
     assert len(list((tmp_path / "data").glob("*/*.npz"))) == 2  # the default target dataset, cached
 
 
