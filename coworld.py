@@ -292,8 +292,15 @@ class RSSM(nn.Module):
         return (torch.zeros(batch, self.deter, device=device),
                 torch.zeros(batch, self.stoch * self.classes, device=device))
 
-    def prior_logits(self, h):  # (..., deter) -> (E, ..., stoch, classes)
-        return torch.stack([p(h) for p in self.priors]).unflatten(-1, (self.stoch, self.classes))
+    def prior_logits(self, h, members=None):
+        """p(z_t | h_t) of the listed prior members (all by default): (..., deter) -> (E, ..., stoch, classes)."""
+        heads = self.priors if members is None else [self.priors[m] for m in members]
+        return torch.stack([p(h) for p in heads]).unflatten(-1, (self.stoch, self.classes))
+
+    def draw_member(self):
+        """The prior member an imagination step or a model update uses: a random one with an ensemble (Lu et al.
+        2023, as V-D4RL trains it), so the others' heads are not computed for it."""
+        return int(torch.randint(len(self.priors), ())) if len(self.priors) > 1 else 0
 
     def transition(self, h, z, action):
         """h_t = f(h_{t-1}, z_{t-1}, a_{t-1})."""
@@ -306,23 +313,21 @@ class RSSM(nn.Module):
         logits = self.posterior(torch.cat([h, embed], -1)).unflatten(-1, (self.stoch, self.classes))
         return h, straight_through_sample(logits).flatten(-2), logits
 
-    def img_step(self, h, z, action):
-        """One imagination step under the prior; with an ensemble a random member draws z (Lu et al. 2023)."""
+    def img_step(self, h, z, action, member=0):
+        """One imagination step under the prior (its member ``member`` with an ensemble)."""
         h = self.transition(h, z, action)
-        logits = self.prior_logits(h)
-        member = torch.randint(len(self.priors), ()) if len(self.priors) > 1 else 0
-        return h, straight_through_sample(logits[member]).flatten(-2)
+        return h, straight_through_sample(self.prior_logits(h, [member])[0]).flatten(-2)
 
     def observe(self, embed, action, is_first, state=None):
-        """Filter a batch of sequences: (B, T, E), (B, T, A), (B, T) -> h (B, T, D), z (B, T, S*C), logits."""
+        """Filter a batch of sequences: (B, T, E), (B, T, A), (B, T) -> h (B, T, D), z (B, T, S*C), the posterior's
+        logits (B, T, S, C)."""
         B, T = is_first.shape
         h, z = state if state is not None else self.initial(B, embed.device)
         hs, zs, post = [], [], []
         for t in range(T):
             h, z, logits = self.obs_step(h, z, action[:, t], embed[:, t], is_first[:, t])
             hs.append(h), zs.append(z), post.append(logits)
-        h, z, post = torch.stack(hs, 1), torch.stack(zs, 1), torch.stack(post, 1)
-        return h, z, post, self.prior_logits(h)  # prior: (E, B, T, S, C), batched after the loop
+        return torch.stack(hs, 1), torch.stack(zs, 1), torch.stack(post, 1)
 
 
 class TruncatedNormal:
@@ -405,10 +410,10 @@ class WorldModel(nn.Module):
         self.discount = mlp(self.feat_dim, 1, cfg.mlp_units, cfg.mlp_layers)
 
     def observe(self, batch, embed=None):
-        """Encode and filter a batch: features [z, h] (B, T, F), the posterior and prior logits, the embedding."""
+        """Encode and filter a batch: features [z, h] (B, T, F), the states, the posterior's logits, the embedding."""
         embed = self.encoder(batch["image"]) if embed is None else embed  # (B, T, E)
-        h, z, post, prior = self.rssm.observe(embed, batch["action"], batch["is_first"])
-        return torch.cat([z, h], -1), (h, z), post, prior, embed
+        h, z, post = self.rssm.observe(embed, batch["action"], batch["is_first"])
+        return torch.cat([z, h], -1), (h, z), post, embed
 
 
 # =============================================================================================
@@ -454,7 +459,7 @@ def world_model_loss(wm, batch, cfg, reward_term=None):
     Returns the loss, its terms, the posterior states (h, z) and the embedding e(o).
     """
     B, T = batch["is_first"].shape
-    feat, state, post, prior, embed = wm.observe(batch)  # feat (B, T, F); post (B, T, S, C); prior (E, B, T, S, C)
+    feat, state, post, embed = wm.observe(batch)  # feat (B, T, F); post (B, T, S, C)
     assert feat.shape == (B, T, wm.feat_dim) and post.shape[:2] == (B, T), (feat.shape, post.shape)
     if cfg.chunks > 1:  # memory device (section 7): the decoder's gradient computed in parts, the same values
         image = decoded_image_nll(wm.decoder, feat, batch["image"], cfg.chunks)
@@ -466,9 +471,7 @@ def world_model_loss(wm, batch, cfg, reward_term=None):
         "discount_nll": F.binary_cross_entropy_with_logits(
             wm.discount(feat).squeeze(-1).float(), cfg.gamma * (1.0 - batch["is_terminal"].float())),
     }
-    if len(prior) > 1:  # offline-dv2 (Lu et al. 2023, as V-D4RL trains it): one random prior member per update
-        member = int(torch.randint(len(prior), ()))
-        prior = prior[member:member + 1]
+    prior = wm.rssm.prior_logits(state[0], [wm.rssm.draw_member()])  # (1, B, T, S, C): one member per update
     terms["kl_loss"], terms["kl"] = kl_loss(post.unsqueeze(0), prior, cfg.kl_balance, cfg.free_nats)
     reward = terms["reward_nll"] if reward_term is None else reward_term(terms["reward_nll"])
     loss = terms["image_nll"] + reward + terms["discount_nll"] + cfg.beta1 * terms["kl_loss"]
@@ -521,7 +524,7 @@ def imagine(wm, actor, h, z, horizon):
         action, log_prob, entropy = actor.sample(feats[-1].detach())
         log_probs.append(log_prob)
         entropies.append(entropy)
-        h, z = wm.rssm.img_step(h, z, action.to(h.dtype))
+        h, z = wm.rssm.img_step(h, z, action.to(h.dtype), wm.rssm.draw_member())
         feats.append(torch.cat([z, h], -1))
         hs.append(h)
     return torch.stack(feats), torch.stack(hs), torch.stack(log_probs), torch.stack(entropies)
@@ -756,7 +759,8 @@ def compile_steps(rssm, actor):
     """Speed device (--compile, default on CUDA): torch.compile the functions called once per time step, the RSSM's
     filtering and imagination steps and the actor's sampling. On a GPU an update is launch-bound (about 10,000
     small kernels for 65 sequential steps); compiling fuses each step's element-wise work (GRU gates, LayerNorm,
-    sampling) into few kernels. Each distinct batch shape compiles once."""
+    sampling) into few kernels. Each distinct batch shape compiles once (and offline-dv2's imagination step once per
+    prior member, its int argument)."""
     rssm.obs_step = torch.compile(rssm.obs_step, dynamic=False)
     rssm.img_step = torch.compile(rssm.img_step, dynamic=False)
     actor.sample = torch.compile(actor.sample, dynamic=False)

@@ -202,10 +202,10 @@ def test_module_shapes(preset):
     batch = fake_batch(cfg, A, B, T)
     embed = agent.wm.encoder(batch["image"])
     assert embed.shape == (B, T, 32 * cfg.cnn_depth)
-    feat, (h, z), post, prior, _ = agent.wm.observe(batch)
+    feat, (h, z), post, _ = agent.wm.observe(batch)
     S, K = cfg.stoch, cfg.classes
     assert feat.shape == (B, T, S * K + cfg.deter) and h.shape == (B, T, cfg.deter) and z.shape == (B, T, S * K)
-    assert post.shape == (B, T, S, K) and prior.shape == (1, B, T, S, K)
+    assert post.shape == (B, T, S, K) and agent.wm.rssm.prior_logits(h).shape == (1, B, T, S, K)
     assert agent.wm.decoder(feat).shape == (B, T, 64, 64, 3)
     assert agent.wm.reward(feat).shape == (B, T, 1) and agent.critic(feat).shape == (B, T, 1)
     assert agent.actor(feat).rsample().shape == (B, T, A)
@@ -231,14 +231,14 @@ def test_is_first_resets_the_state():
     agent = C.Agent(cfg, 4)
     batch = fake_batch(cfg, 4, B=2, T=4)
     batch["is_first"][:] = True
-    h, z, _, _ = agent.wm.rssm.observe(agent.wm.encoder(batch["image"]), batch["action"], batch["is_first"])
+    h, z, _ = agent.wm.rssm.observe(agent.wm.encoder(batch["image"]), batch["action"], batch["is_first"])
     # With every step a first step, each h comes from the zero state with a zero action.
     h0 = agent.wm.rssm.transition(*agent.wm.rssm.initial(2, "cpu"), torch.zeros(2, 4))
     for t in range(4):
         torch.testing.assert_close(h[:, t], h0)
     # A reset in the middle of a window (the replay's seam between episodes): only that step starts anew.
     batch["is_first"][:] = torch.tensor([True, False, True, False])
-    h, z, _, _ = agent.wm.rssm.observe(agent.wm.encoder(batch["image"]), batch["action"], batch["is_first"])
+    h, z, _ = agent.wm.rssm.observe(agent.wm.encoder(batch["image"]), batch["action"], batch["is_first"])
     torch.testing.assert_close(h[:, 2], h0)
     assert not torch.allclose(h[:, 1], h0) and not torch.allclose(h[:, 3], h0)
 
@@ -1292,10 +1292,28 @@ def test_offline_dv2_trains_one_prior_member_per_update():
         members.append(trained[0])
         torch.manual_seed(seed)  # the same draws: the member's own KL is the term
         with torch.no_grad():
-            _, _, post, prior, _ = agent.wm.observe(batch)
+            _, (h, _), post, _ = agent.wm.observe(batch)
+            prior = agent.wm.rssm.prior_logits(h)  # (3, B, T, S, C): every member
         kl_member = C.kl_loss(post.unsqueeze(0), prior[trained[0]:trained[0] + 1], cfg.kl_balance, cfg.free_nats)[1]
         assert float(terms["kl"]) == pytest.approx(float(kl_member), rel=1e-5)
     assert len(set(members)) > 1  # the draw moves from update to update
+
+
+def test_offline_dv2_steps_compute_one_prior_member():
+    # An imagination step samples z from one member, so it runs that member's head alone; the update's
+    # KL runs one head over the posterior states. Only the penalty (ensemble_disagreement) runs them all.
+    cfg = small_cfg()
+    agent = C.Agent(cfg, 5, ensemble=3)
+    calls = []
+    for i, member in enumerate(agent.wm.rssm.priors):
+        member.register_forward_hook(lambda module, inputs, output, i=i: calls.append((i, inputs[0].shape[:-1])))
+    h, z = torch.randn(6, cfg.deter), torch.zeros(6, cfg.stoch * cfg.classes)
+    C.imagine(agent.wm, agent.actor, h, z, cfg.horizon)
+    assert len(calls) == cfg.horizon and all(shape == (6,) for _, shape in calls), calls
+    assert len({i for i, _ in calls}) > 1  # the member is drawn again at every step
+    calls.clear()
+    C.world_model_loss(agent.wm, fake_batch(cfg, 5, B=2, T=3), cfg)
+    assert [shape for _, shape in calls] == [(2, 3)], calls
 
 
 def test_offline_dv2_penalty_by_hand():
