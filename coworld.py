@@ -316,7 +316,8 @@ class RSSM(nn.Module):
     def img_step(self, h, z, action, member=0):
         """One imagination step under the prior (its member ``member`` with an ensemble)."""
         h = self.transition(h, z, action)
-        return h, straight_through_sample(self.prior_logits(h, [member])[0]).flatten(-2)
+        logits = self.priors[member](h).unflatten(-1, (self.stoch, self.classes))  # one head, no stacked copy
+        return h, straight_through_sample(logits).flatten(-2)
 
     def observe(self, embed, action, is_first, state=None):
         """Filter a batch of sequences: (B, T, E), (B, T, A), (B, T) -> h (B, T, D), z (B, T, S*C), the posterior's

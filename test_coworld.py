@@ -1303,6 +1303,7 @@ def test_offline_dv2_steps_compute_one_prior_member():
     # An imagination step samples z from one member, so it runs that member's head alone; the update's
     # KL runs one head over the posterior states. Only the penalty (ensemble_disagreement) runs them all.
     cfg = small_cfg()
+    torch.manual_seed(0)
     agent = C.Agent(cfg, 5, ensemble=3)
     calls = []
     for i, member in enumerate(agent.wm.rssm.priors):
