@@ -132,7 +132,8 @@ class Config:
     max_bad_updates: int = param(20, "stop after this many non-finite updates in a row")
 
 
-# Table 7's per-suite columns, keyed by the target's family; the last three are per-environment.
+# Table 7's per-suite columns (App. D's iteration budget among them): the first five are the target's suite's,
+# the last two (source pretraining and its random prefill) the source's.
 SUITES = {
     "metaworld": dict(beta2=1.0, k=0.3, alpha=2.0, K1=50_000, iterations=300_000, pretrain_steps=160_000, prefill=5000),
     "robodesk": dict(beta2=1.0, k=0.3, alpha=2.0, K1=50_000, iterations=300_000, pretrain_steps=160_000, prefill=5000),
@@ -160,6 +161,25 @@ def family(env_name):
 
 def prefill_steps(cfg, env_name):
     return cfg.prefill if cfg.prefill is not None else SUITES[family(env_name)]["prefill"]
+
+
+def suite_defaults(cfg, command="train"):
+    """The values of Table 7's per-suite (None) fields for this run: beta2, k, alpha and K1 from the target's
+    suite (online: the environment's), pretraining from the source's; App. C step 1's target pretraining as many
+    updates as a source's world model gets in its pretraining; rounds such that every method trains the target
+    App. D's 300k (DMC 600k) iterations."""
+    target = SUITES.get(family(cfg.source[0] if command == "online" else cfg.target), SUITES["metaworld"])
+    source = SUITES.get(family(cfg.source[0]), target)
+    values = {name: target[name] for name in ("beta2", "k", "alpha", "K1") if getattr(cfg, name) is None}
+    if cfg.pretrain_steps is None:
+        values["pretrain_steps"] = source["pretrain_steps"]
+    if cfg.target_pretrain is None:
+        prefill = cfg.prefill if cfg.prefill is not None else source["prefill"]
+        pretrain = values.get("pretrain_steps", cfg.pretrain_steps)
+        values["target_pretrain"] = max(0, pretrain - prefill) // cfg.train_every
+    if cfg.rounds is None:
+        values["rounds"] = max(1, math.ceil(target["iterations"] / max(1, values.get("K1", cfg.K1))))
+    return values
 
 
 # =============================================================================================
@@ -292,15 +312,28 @@ class RSSM(nn.Module):
         return (torch.zeros(batch, self.deter, device=device),
                 torch.zeros(batch, self.stoch * self.classes, device=device))
 
-    def prior_logits(self, h, members=None):
-        """p(z_t | h_t) of the listed prior members (all by default): (..., deter) -> (E, ..., stoch, classes)."""
-        heads = self.priors if members is None else [self.priors[m] for m in members]
-        return torch.stack([p(h) for p in heads]).unflatten(-1, (self.stoch, self.classes))
+    def prior_logits(self, h):
+        """p(z_t | h_t) of every prior member: (..., deter) -> (E, ..., stoch, classes)."""
+        return torch.stack([p(h) for p in self.priors]).unflatten(-1, (self.stoch, self.classes))
 
     def draw_member(self):
-        """The prior member an imagination step or a model update uses: a random one with an ensemble (Lu et al.
-        2023, as V-D4RL trains it), so the others' heads are not computed for it."""
+        """The prior member an imagination step uses: a random one with an ensemble (Lu et al. 2023; V-D4RL's
+        img_step draws one at each call), so the others' heads are not computed for it."""
         return int(torch.randint(len(self.priors), ())) if len(self.priors) > 1 else 0
+
+    def filtering_prior(self, h):
+        """p(z_t | h_t) over filtered states, (B, T, D) -> (B, T, S, C): with an ensemble each time step under a
+        member drawn for it and shared by the batch, as V-D4RL's filtering step draws one in its img_step; each
+        head runs only on its own steps."""
+        if len(self.priors) == 1:
+            return self.priors[0](h).unflatten(-1, (self.stoch, self.classes))
+        members = torch.randint(len(self.priors), (h.shape[1],))  # (T,), on the CPU: grouping needs no device sync
+        order = members.argsort(stable=True)  # the steps grouped by member
+        counts = members.bincount(minlength=len(self.priors)).tolist()
+        parts = h[:, order.to(h.device, non_blocking=True)].split(counts, 1)
+        logits = torch.cat([prior(part) for prior, part, n in zip(self.priors, parts, counts) if n], 1)
+        back = order.argsort().to(h.device, non_blocking=True)  # to time order
+        return logits[:, back].unflatten(-1, (self.stoch, self.classes))
 
     def transition(self, h, z, action):
         """h_t = f(h_{t-1}, z_{t-1}, a_{t-1})."""
@@ -332,8 +365,8 @@ class RSSM(nn.Module):
 
 
 class TruncatedNormal:
-    """The action distribution of pi(a_t | z_t) in Eq. (9): Normal(loc, scale) truncated to [-1, 1], with sample,
-    log_prob and entropy of the truncated law.
+    """The action distribution of pi(a_t | z_t) in Eq. (7, 9): Normal(loc, scale) truncated to [-1, 1], with
+    sample, log_prob and entropy of the truncated law.
 
     The authors' 'truncated normal' was an untruncated Normal (its rsample skipped the override).
     Sampling inverts the CDF, so samples stay in range and carry reparameterised gradients.
@@ -374,8 +407,8 @@ class TruncatedNormal:
 
 
 class Actor(nn.Module):
-    """The actor pi_psi(a_t | z_t) of Eq. (9) / App. A.3: mean tanh(x), std 2 * sigmoid(s / 2) + 0.1, truncated
-    to [-1, 1]. The critic v_xi(z_t) of Eq. (9) is a plain MLP (Agent.critic).
+    """The actor pi_psi(a_t | z_t) of Eq. (7, 9) / App. A.3: mean tanh(x), std 2 * sigmoid(s / 2) + 0.1, truncated
+    to [-1, 1]. The critic v_xi(z_t) of Eq. (6, 9) is a plain MLP (Agent.critic).
 
     It acts in the shared action space; its log-probability and entropy (Eq. 7) count only the first
     env_actions dimensions, those its environment has (the rest reach neither the world model nor the env)."""
@@ -444,7 +477,7 @@ def kl_loss(post, prior, balance, free):
 
     balance * max(KL[sg(q) || p], free) + (1 - balance) * max(KL[q || sg(p)], free): the first side trains
     the prior toward the posterior, the second regularises the posterior; free nats apply to each batch
-    mean. post (1, ...), prior (E, ...) broadcast against it (world_model_loss passes one member, E = 1).
+    mean. post and prior: logits (..., S, C) of the same shape.
     """
     prior_side = categorical_kl(post.detach(), prior).mean()
     post_side = categorical_kl(post, prior.detach()).mean()
@@ -472,8 +505,8 @@ def world_model_loss(wm, batch, cfg, reward_term=None):
         "discount_nll": F.binary_cross_entropy_with_logits(
             wm.discount(feat).squeeze(-1).float(), cfg.gamma * (1.0 - batch["is_terminal"].float())),
     }
-    prior = wm.rssm.prior_logits(state[0], [wm.rssm.draw_member()])  # (1, B, T, S, C): one member per update
-    terms["kl_loss"], terms["kl"] = kl_loss(post.unsqueeze(0), prior, cfg.kl_balance, cfg.free_nats)
+    prior = wm.rssm.filtering_prior(state[0])  # (B, T, S, C)
+    terms["kl_loss"], terms["kl"] = kl_loss(post, prior, cfg.kl_balance, cfg.free_nats)
     reward = terms["reward_nll"] if reward_term is None else reward_term(terms["reward_nll"])
     loss = terms["image_nll"] + reward + terms["discount_nll"] + cfg.beta1 * terms["kl_loss"]
     return loss, {k: v.detach() for k, v in terms.items()}, state, embed
@@ -655,8 +688,9 @@ def select_source(e_sources, e_target):
 # =============================================================================================
 
 class Agent(nn.Module):
-    """One DreamerV2 agent {phi, psi, xi}: the world model and the actor and critic of Eq. (9), with its three Adam
-    optimisers and a slow target critic. With ewc set (DV2 Finetune+EWC), every loss gets its EWC penalty."""
+    """One DreamerV2 agent {phi, psi, xi}: the world model and the actor and critic of Eq. (7, 9), with its
+    three Adam optimisers and a slow target critic. With ewc set (DV2 Finetune+EWC), every loss gets its EWC
+    penalty."""
 
     def __init__(self, cfg, action_size, ensemble=1, env_actions=None):
         super().__init__()
@@ -782,8 +816,8 @@ def check_batch(batch, action_size):
 def target_update(target, batch, cfg, sources=()):
     """Alg. 1 lines 9-13 (offline domain). Without sources this is a plain DreamerV2 update.
 
-    Line 9: the target world model with Eq. (3) (Stage A, source chosen by Eq. 12);
-    lines 11-13: imagination, critic with Eq. (6) (Stage C), actor with Eq. (7).
+    Line 9: the target world model with Eq. (3) (Stage A; with several sources the one App. C's select_source
+    chooses, weighted by Eq. 12); lines 11-13: imagination, critic with Eq. (6) (Stage C), actor with Eq. (7).
     """
     B, T = check_batch(batch, target.action_size)
     with autocast(cfg):
@@ -857,19 +891,23 @@ def ewc_penalty(params, anchor, fisher, lambda_):
 
 
 def diagonal_fisher(agent, batches, cfg):
-    """EWC's diagonal Fisher information at the agent's weights: each network's squared loss gradient, averaged
-    over the batches (world model: Eq. 2; actor: Eq. 10; critic: Eq. 11)."""
+    """EWC's diagonal (empirical) Fisher information at the agent's weights: each network's loss gradient on one
+    source sequence at a time, squared, averaged over the sequences of the batches (world model: Eq. 2; actor:
+    Eq. 10; critic: Eq. 11). Per sequence, as Kirkpatrick et al. take the expectation over samples: the square of
+    a whole batch's mean gradient would be about 1/B of it near theta*, where the mean gradient vanishes."""
     fisher = {name: [torch.zeros_like(p) for p in params] for name, params in agent.params.items()}
-    for batch in batches:
+    sequences = [{key: value[i:i + 1] for key, value in batch.items()}
+                 for batch in batches for i in range(len(batch["is_first"]))]
+    for sequence in sequences:
         with autocast(cfg):
-            wm_loss, _, (h, z), _ = world_model_loss(agent.wm, batch, cfg)
-            losses, _ = behaviour_losses(agent, h, z, batch["is_terminal"], cfg)
+            wm_loss, _, (h, z), _ = world_model_loss(agent.wm, sequence, cfg)
+            losses, _ = behaviour_losses(agent, h, z, sequence["is_terminal"], cfg)
         losses["model"] = wm_loss
         for name, params in agent.params.items():
             grads = torch.autograd.grad(losses[name], params, allow_unused=True)
             for f, g in zip(fisher[name], grads):
                 if g is not None:
-                    f += g.float() ** 2 / len(batches)
+                    f += g.float() ** 2 / len(sequences)
     return fisher
 
 
@@ -1157,8 +1195,10 @@ def algorithm1(run):
 
 # =============================================================================================
 # =============================================================================================
-# The harness. Nothing below this line changes what is computed: it keeps a run's state, checkpoints and
-# resumes it, handles signals, logs, builds and loads datasets, and reads the command line.
+# The harness. It builds the agents a method needs from the sections above (App. D's shared action space, the
+# larger of the domains'; Offline DV2's ensemble), keeps a run's state, checkpoints and resumes it, handles
+# signals, logs, builds and loads datasets, and reads the command line. Every value of the method comes from
+# above: Config, PRESETS, SUITES and suite_defaults.
 # =============================================================================================
 # =============================================================================================
 
@@ -1226,7 +1266,7 @@ class Run:
         # torch's threads follow the free cores (--threads 0) in the loops of train and online
         self.core_share = CoreShare.for_config(cfg) if command != "evaluate" else None
         if state is None:
-            (self.logdir / "config.json").write_text(json.dumps(dataclasses.asdict(self.cfg), indent=2))
+            self.write_config()
         else:
             self.restore(state)
         self.saved = (self.progress["steps"], self.updates())  # what the last checkpoint holds
@@ -1373,8 +1413,15 @@ class Run:
             print(f"{self.logdir} has finished already; its results:")
         return json.loads(path.read_text())
 
+    def write_config(self):
+        envs.atomic_write(self.logdir / "config.json",
+                          lambda file: file.write(json.dumps(dataclasses.asdict(self.cfg), indent=2).encode()))
+
     def write_results(self, agent, env_name, path):
+        """results.json, after config.json with the flags it is made with: a resumed run may have changed the
+        evaluation's, and `evaluate --logdir` reads them from there."""
         cfg, stop = self.cfg, functools.partial(self.check_stop, now=True)
+        self.write_config()
         result = {"env": env_name, "method": cfg.method if self.command != "online" else "dreamerv2-online",
                   "preset": cfg.preset, "render": cfg.render, "device": cfg.device, "seed": cfg.seed,
                   "eval": evaluate(agent, env_name, cfg, cfg.eval_episodes, self.logdir / "videos" / "eval.mp4",
@@ -1613,13 +1660,22 @@ def summary(metrics, keys=("model_loss", "actor_loss", "critic_loss", "domain_kl
 
 
 def write_video(path, frames):
+    """An mp4 (a gif where imageio has no ffmpeg backend), written under a temporary name and renamed, so a killed
+    run leaves no torn video (the name matches the .*.tmp* files a run deletes when it starts)."""
     import imageio
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        imageio.mimsave(path, frames, fps=20, macro_block_size=1)
-    except Exception:  # no ffmpeg backend: fall back to a gif
-        imageio.mimsave(path.with_suffix(".gif"), frames, duration=50)
+    for target, options in ((path, dict(fps=20, macro_block_size=1)), (path.with_suffix(".gif"), dict(duration=50))):
+        temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp{target.suffix}")  # the suffix picks the format
+        try:
+            imageio.mimsave(temporary, frames, **options)
+            os.replace(temporary, target)
+            return
+        except (ImportError, ValueError, RuntimeError):  # no ffmpeg backend for the mp4: the gif instead
+            if target.suffix == ".gif":
+                raise
+        finally:
+            temporary.unlink(missing_ok=True)
 
 
 # -- datasets ----------------------------------------------------------------------------------
@@ -1671,17 +1727,9 @@ def spill_dir(cfg):
 # -- the command line --------------------------------------------------------------------------
 
 def resolve(cfg: Config, command: str = "train") -> Config:
-    """Fill the per-suite (None) values of Table 7 (the target's suite; online: the environment's), the device
-    and the output folder."""
-    suite = SUITES.get(family(cfg.source[0] if command == "online" else cfg.target), SUITES["metaworld"])
-    values = {name: suite[name] for name in ("beta2", "k", "alpha", "K1", "pretrain_steps")
-              if getattr(cfg, name) is None}
-    if cfg.target_pretrain is None:  # as many updates as a source's world model gets in its pretraining
-        prefill = cfg.prefill if cfg.prefill is not None else SUITES.get(family(cfg.source[0]), suite)["prefill"]
-        pretrain = values.get("pretrain_steps", cfg.pretrain_steps)
-        values["target_pretrain"] = max(0, pretrain - prefill) // cfg.train_every
-    if cfg.rounds is None:  # every method trains the target App. D's 300k / 600k iterations
-        values["rounds"] = max(1, math.ceil(suite["iterations"] / max(1, values.get("K1", cfg.K1))))
+    """Fill the per-suite (None) values of Table 7 (suite_defaults, section 1), the device and the output
+    folder."""
+    values = suite_defaults(cfg, command)
     if cfg.device == "auto":
         values["device"] = "cuda" if torch.cuda.is_available() else "cpu"
     device = values.get("device", cfg.device)
@@ -1896,7 +1944,8 @@ def parse_args(argv):
     parser = build_parser(f"coworld.py {command}" if command != "train" else "coworld.py", COMMAND_HELP[command])
     if command == "online":
         parser.add_argument("--env", help="the environment to train on online (DreamerV2)")
-        parser.add_argument("--steps", type=int, help="environment steps (after action repeat)")
+        parser.add_argument("--steps", type=int, help="environment steps (after action repeat); default: "
+                                                          "--pretrain-steps (160k; DMC 600k; small preset 5000)")
     given = vars(parser.parse_args(argv))
     if command == "online" and "env" not in given:
         raise ConfigError("online needs --env: the environment the agent learns in, e.g. --env dmc:walker_walk")

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes.util
 import datetime
 import errno
 import fcntl
@@ -108,14 +109,14 @@ def _gl_errors():
     Missing GL libraries surface as ImportError, OSError, AttributeError or
     RuntimeError from deep inside PyOpenGL, or as mujoco.FatalError when a
     renderer is made; none of them says what to install. A missing Python
-    package (ModuleNotFoundError) is passed through unchanged, and an
-    ImportError that names no GL library (a package version mismatch) is
-    reported as one.
+    package (ModuleNotFoundError) and an ImportError that names no GL library
+    (a package version mismatch) are reported as such, with the pip command.
     """
     try:
         yield
-    except ModuleNotFoundError:
-        raise
+    except ModuleNotFoundError as exc:
+        raise EnvError(f"the Python package {exc.name} is not installed; the tested versions are in "
+                       f"requirements.txt: pip install -r requirements.txt") from exc
     except (ImportError, OSError, AttributeError, RuntimeError,
             getattr(sys.modules.get("mujoco"), "FatalError", RuntimeError)) as exc:
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
@@ -126,6 +127,9 @@ def _gl_errors():
         package = _GL_PACKAGES.get(backend)
         fix = (f"install the Debian package {package}: apt-get install -y {package}" if package
                else "set MUJOCO_GL=osmesa (CPU) or MUJOCO_GL=egl (NVIDIA GPU)")
+        if backend == "egl" and ctypes.util.find_library("EGL"):
+            fix = ("libEGL is installed, so the NVIDIA driver's EGL library is missing or cannot open the GPU (in a "
+                   "container, NVIDIA_DRIVER_CAPABILITIES must include graphics); MUJOCO_GL=osmesa renders on the CPU")
         if backend == "glfw":
             fix += "; glfw also needs a display (DISPLAY): without one, use osmesa or egl"
         raise EnvError(f"cannot load OpenGL for MUJOCO_GL={backend} ({reason}); {fix}") from exc

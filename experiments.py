@@ -318,12 +318,24 @@ def coworld_command(entry, seed, logdir, common, datasets):
     return command + [*common, "--logdir", str(logdir)]
 
 
-def write_json(path, data):
-    """Write-then-rename, so a reader never sees half a file. The temporary name has no leading dot: coworld.py
-    deletes .*.tmp* files in its folder when it starts."""
+def write_file(path, write):
+    """write(file) into a temporary file, flushed to disk, then renamed over ``path``: a reader (or a machine lost
+    half way) never sees half a file. Not a hidden .*.tmp name, as envs.atomic_write's (importing envs would pick
+    this machine's MUJOCO_GL for the jobs): a run deletes those in its folder when it starts."""
     temporary = Path(f"{path}.{os.getpid()}.new")
-    temporary.write_text(json.dumps(data, indent=2))
+    with open(temporary, "wb") as file:
+        write(file)
+        file.flush()
+        os.fsync(file.fileno())
     os.replace(temporary, path)
+
+
+def write_json(path, data):
+    write_file(path, lambda file: file.write(json.dumps(data, indent=2).encode()))
+
+
+def save_figure(fig, path):
+    write_file(path, lambda file: fig.savefig(file, format=Path(path).suffix[1:], dpi=80))
 
 
 def read_json(path):
@@ -948,7 +960,7 @@ def plot_curves(grid, curves, rows, targets, path):
     fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels) or 1), fontsize=7)
     fig.suptitle(f"{grid.name}: mean and 95% CI over seeds", fontsize=10)
     fig.tight_layout(rect=(0, 0.08, 1, 0.95))
-    fig.savefig(path, dpi=80)
+    save_figure(fig, path)
     plt.close(fig)
 
 
@@ -965,7 +977,7 @@ def plot_values(grid, values, path):
         ax.set_title(grid.columns[target], fontsize=9)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
+    save_figure(fig, path)
     plt.close(fig)
 
 
@@ -985,7 +997,7 @@ def plot_sensitivity(points, finetune, path):
         ax.set_ylabel("evaluation return", fontsize=8)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
+    save_figure(fig, path)
     plt.close(fig)
 
 
@@ -1041,7 +1053,7 @@ def command_report(args):
     if unfinished:
         lines += ["## Runs not finished", "", "| run | state | |", "|---|---|---|",
                   *(markdown_row([run["name"], run["state"], run["detail"]]) for run in unfinished), ""]
-    (folder / "report.md").write_text("\n".join(lines))
+    write_file(folder / "report.md", lambda file: file.write("\n".join(lines).encode()))
     write_json(folder / "report.json", data)
     print(f"wrote {folder / 'report.md'} ({counts})")
     return 0

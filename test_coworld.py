@@ -1219,6 +1219,30 @@ def test_periodic_evaluation_logs_learning_curves_without_moving_the_training(tm
     assert training["a"] == training["b"]  # its own random streams: training computes the same with or without it
 
 
+def test_videos_are_written_whole_and_fall_back_to_a_gif(tmp_path, monkeypatch):
+    import imageio
+    frames = np.zeros((3, 8, 8, 3), np.uint8)
+    C.write_video(tmp_path / "eval.mp4", frames)
+    assert (tmp_path / "eval.mp4").stat().st_size > 0 and sorted(os.listdir(tmp_path)) == ["eval.mp4"]
+    save = imageio.mimsave
+
+    def no_ffmpeg(path, *args, **kwargs):
+        if str(path).endswith(".mp4"):
+            raise ValueError("Could not find a backend to open the mp4")
+        return save(path, *args, **kwargs)
+    monkeypatch.setattr(imageio, "mimsave", no_ffmpeg)
+    C.write_video(tmp_path / "b" / "eval.mp4", frames)
+    assert sorted(os.listdir(tmp_path / "b")) == ["eval.gif"]
+
+    def full_disk(path, *args, **kwargs):
+        open(path, "wb").write(b"half")
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(imageio, "mimsave", full_disk)
+    with pytest.raises(OSError, match="No space left"):  # a real failure is not hidden behind a gif
+        C.write_video(tmp_path / "c" / "eval.mp4", frames)
+    assert os.listdir(tmp_path / "c") == []  # and leaves no half-written file
+
+
 def test_evaluate_reproduces_the_runs_results(tmp_path, capsys):
     argv = offline_flags(tmp_path / "run", **{"eval-episodes": 2})
     assert C.main(argv) == 0
@@ -1234,6 +1258,19 @@ def test_evaluate_reproduces_the_runs_results(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out) == results
     assert C.main(["evaluate", "--logdir", str(tmp_path / "run"), "--beta2", "0.5"]) == 2
     assert "beta2 (" in capsys.readouterr().err
+    # A finished run started again with another evaluation count keeps its results and its config.json; one that
+    # must evaluate again (its results.json gone, as when a run is resumed before its final evaluation) writes
+    # both with the new count, so the folder alone still reproduces results.json.
+    for episodes, fresh in ((3, False), (3, True)):
+        if fresh:
+            (tmp_path / "run" / "results.json").unlink()
+        assert C.main(offline_flags(tmp_path / "run", **{"eval-episodes": episodes})) == 0
+        results = json.loads((tmp_path / "run" / "results.json").read_text())["eval"]
+        assert json.loads((tmp_path / "run" / "config.json").read_text())["eval_episodes"] == (3 if fresh else 2)
+        assert results["episodes"] == (3 if fresh else 2)
+        capsys.readouterr()
+        assert C.main(["evaluate", "--logdir", str(tmp_path / "run")]) == 0
+        assert json.loads(capsys.readouterr().out) == results
     (tmp_path / "run" / "config.json").write_text("{")
     assert C.main(["evaluate", "--logdir", str(tmp_path / "run")]) == 2
     assert f"{tmp_path / 'run' / 'config.json'}: damaged" in capsys.readouterr().err
@@ -1274,34 +1311,38 @@ def test_action_mapping_between_four_and_five_dimensions():
     np.testing.assert_allclose(added[0]["action"], np.stack(actions), rtol=1e-6)
 
 
-def test_offline_dv2_trains_one_prior_member_per_update():
-    # V-D4RL's Offline DV2 trains one randomly drawn prior member per update, drawn from the run's torch RNG
-    # (so a resumed run draws the same): the KL term is that member's and only its prior gets gradient.
+def test_offline_dv2_draws_a_prior_member_for_each_filtering_step():
+    # V-D4RL's filtering step draws a prior member in its img_step, one per time step and shared by the batch,
+    # from the run's torch RNG (so a resumed run draws the same): the KL term is the mean of each step's own
+    # member's KL, and a member's prior gets gradient from its steps only.
     cfg = small_cfg(free_nats=0.0)  # no free nats, so the KL's gradient is never clipped away
     agent = C.Agent(cfg, 5, ensemble=3)
-    batch = fake_batch(cfg, 5)
-    members = []
-    for seed in range(8):
+    batch = fake_batch(cfg, 5, T=4)
+    B, T = batch["is_first"].shape
+    trained_counts = []
+    for seed in range(6):
         agent.zero_grad()
         torch.manual_seed(seed)
         loss, terms, _, _ = C.world_model_loss(agent.wm, batch, cfg)
         loss.backward()
-        trained = [i for i, prior in enumerate(agent.wm.rssm.priors)
-                   if prior[0].weight.grad is not None and prior[0].weight.grad.abs().sum() > 0]
-        assert len(trained) == 1, trained
-        members.append(trained[0])
-        torch.manual_seed(seed)  # the same draws: the member's own KL is the term
+        trained = {i for i, prior in enumerate(agent.wm.rssm.priors)
+                   if prior[0].weight.grad is not None and prior[0].weight.grad.abs().sum() > 0}
+        torch.manual_seed(seed)  # the same draws, by hand: the posterior's samples, then one member per step
         with torch.no_grad():
             _, (h, _), post, _ = agent.wm.observe(batch)
-            prior = agent.wm.rssm.prior_logits(h)  # (3, B, T, S, C): every member
-        kl_member = C.kl_loss(post.unsqueeze(0), prior[trained[0]:trained[0] + 1], cfg.kl_balance, cfg.free_nats)[1]
-        assert float(terms["kl"]) == pytest.approx(float(kl_member), rel=1e-5)
-    assert len(set(members)) > 1  # the draw moves from update to update
+            members = torch.randint(3, (T,))
+            every = agent.wm.rssm.prior_logits(h)  # (3, B, T, S, C): every member
+        chosen = every[members, :, torch.arange(T)].transpose(0, 1)  # (B, T, S, C): step t under members[t]
+        assert trained == set(members.tolist()), (trained, members)
+        assert float(terms["kl"]) == pytest.approx(float(C.kl_loss(post, chosen, 0.8, 0.0)[1]), rel=1e-5)
+        trained_counts.append(len(trained))
+    assert max(trained_counts) > 1  # members differ from step to step
 
 
 def test_offline_dv2_steps_compute_one_prior_member():
     # An imagination step samples z from one member, so it runs that member's head alone; the update's
-    # KL runs one head over the posterior states. Only the penalty (ensemble_disagreement) runs them all.
+    # KL runs each drawn member's head over its own time steps. Only the penalty (ensemble_disagreement)
+    # runs every head on every state.
     cfg = small_cfg()
     torch.manual_seed(0)
     agent = C.Agent(cfg, 5, ensemble=3)
@@ -1313,8 +1354,9 @@ def test_offline_dv2_steps_compute_one_prior_member():
     assert len(calls) == cfg.horizon and all(shape == (6,) for _, shape in calls), calls
     assert len({i for i, _ in calls}) > 1  # the member is drawn again at every step
     calls.clear()
-    C.world_model_loss(agent.wm, fake_batch(cfg, 5, B=2, T=3), cfg)
-    assert [shape for _, shape in calls] == [(2, 3)], calls
+    C.world_model_loss(agent.wm, fake_batch(cfg, 5, B=2, T=6), cfg)
+    assert len({i for i, _ in calls}) == len(calls) > 1, calls  # each drawn member runs once, on its own steps
+    assert all(shape[0] == 2 for _, shape in calls) and sum(shape[1] for _, shape in calls) == 6, calls
 
 
 def test_offline_dv2_penalty_by_hand():
@@ -1356,21 +1398,30 @@ def test_ewc_penalty_by_hand():
     torch.testing.assert_close(theta[1].grad, 10.0 * torch.tensor([[4.0]]) * torch.tensor([[-0.5]]))
 
 
-def test_ewc_fisher_is_each_losss_mean_squared_gradient_and_enters_every_update():
+def test_ewc_fisher_is_each_losss_squared_gradient_per_sequence_and_enters_every_update():
     cfg = small_cfg(ewc_lambda=5.0)
     agent = C.Agent(cfg, 5).build_optimisers()
-    batches = [fake_batch(cfg, 5, seed=i) for i in range(2)]
+    batches = [fake_batch(cfg, 5, B=2, T=4, seed=i) for i in range(2)]
     torch.manual_seed(0)
     C.elastic_weight_consolidation(agent, batches, cfg)
-    torch.manual_seed(0)  # the same draws, by hand: each network's own loss, squared gradient, averaged
+    torch.manual_seed(0)  # the same draws, by hand: each network's own loss on one sequence, squared gradient
     expected = {name: [torch.zeros_like(p) for p in params] for name, params in agent.params.items()}
+    mean_gradient_squared = [torch.zeros_like(p) for p in agent.params["critic"]]
     for batch in batches:
+        for i in range(2):
+            sequence = {key: value[i:i + 1] for key, value in batch.items()}
+            wm_loss, _, (h, z), _ = C.world_model_loss(agent.wm, sequence, cfg)
+            losses, _ = C.behaviour_losses(agent, h, z, sequence["is_terminal"], cfg)
+            for name, loss in (("model", wm_loss), ("actor", losses["actor"]), ("critic", losses["critic"])):
+                grads = torch.autograd.grad(loss, agent.params[name], retain_graph=True, allow_unused=True)
+                for e, g in zip(expected[name], grads):
+                    e += 0 if g is None else g ** 2 / 4
+    for batch in batches:  # what a whole batch's mean gradient, squared, would give instead
         wm_loss, _, (h, z), _ = C.world_model_loss(agent.wm, batch, cfg)
         losses, _ = C.behaviour_losses(agent, h, z, batch["is_terminal"], cfg)
-        for name, loss in (("model", wm_loss), ("actor", losses["actor"]), ("critic", losses["critic"])):
-            grads = torch.autograd.grad(loss, agent.params[name], retain_graph=True, allow_unused=True)
-            for e, g in zip(expected[name], grads):
-                e += 0 if g is None else g ** 2 / 2
+        for m, g in zip(mean_gradient_squared, torch.autograd.grad(losses["critic"], agent.params["critic"])):
+            m += g ** 2 / 2
+    assert not torch.allclose(mean_gradient_squared[0], expected["critic"][0], rtol=1e-2)
     for name in expected:
         for got, want in zip(agent.ewc["fisher"][name], expected[name]):
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-12)
@@ -1493,8 +1544,21 @@ def test_missing_gl_library_names_the_debian_package(monkeypatch, backend, packa
 
         monkeypatch.setattr(mujoco, "Renderer", no_gl)
         monkeypatch.setenv("MUJOCO_GL", backend)
+        monkeypatch.setattr(envs.ctypes.util, "find_library", lambda name: None)  # the library is not installed
         with pytest.raises(envs.EnvError, match=f"apt-get install -y {package}"):
             envs.make_env("dmc:walker_walk")
+        if backend == "egl":  # installed, yet it cannot start: the GPU driver's part is what is missing
+            monkeypatch.setattr(envs.ctypes.util, "find_library", lambda name: f"lib{name}.so.1")
+            with pytest.raises(envs.EnvError, match="NVIDIA driver's EGL library .* MUJOCO_GL=osmesa"):
+                envs.make_env("dmc:walker_walk")
+
+
+def test_a_missing_python_package_names_the_pip_command():
+    def missing():
+        with envs._gl_errors():
+            import a_simulator_that_is_not_installed  # noqa: F401
+    with pytest.raises(envs.EnvError, match="a_simulator_that_is_not_installed is not installed.*pip install -r"):
+        missing()
 
 
 def test_a_package_version_mismatch_is_not_called_a_gl_problem(monkeypatch):
