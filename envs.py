@@ -807,6 +807,11 @@ def atomic_write(path, write: Callable) -> None:
     except BaseException:
         temporary.unlink(missing_ok=True)  # open() itself may have failed (read-only folder, full disk)
         raise
+    folder = os.open(path.parent, os.O_RDONLY)  # the rename itself on disk: a lost machine keeps the new file
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
 
 
 def _as_flags(values: np.ndarray, key: str, where: str) -> np.ndarray:
@@ -837,11 +842,11 @@ def _check_episode(episode: dict, where: str = "episode") -> dict:
     if "discount" not in out:
         out["discount"] = (~_as_flags(out["is_terminal"], "is_terminal", where)).astype(np.float32)
     image = out["image"]
-    if image.dtype != np.uint8 or image.ndim != 4 or image.shape[-1] != 3:
+    if image.dtype != np.uint8 or image.ndim != 4 or image.shape[-1] != 3 or 0 in image.shape[1:3]:
         raise DatasetError(f"{where}: image must be uint8 (N, H, W, 3), got {image.dtype} {image.shape}")
     for key, ndim in (("action", 2), ("reward", 1), ("discount", 1)):
-        if not np.issubdtype(out[key].dtype, np.floating) or out[key].ndim != ndim:
-            shape = "(N, A)" if ndim == 2 else "(N,)"
+        if not np.issubdtype(out[key].dtype, np.floating) or out[key].ndim != ndim or 0 in out[key].shape[1:]:
+            shape = "(N, A), A >= 1" if ndim == 2 else "(N,)"
             raise DatasetError(f"{where}: {key} must be float {shape}, got {out[key].dtype} {out[key].shape}")
         if not np.isfinite(out[key]).all():
             raise DatasetError(f"{where}: {key} contains NaN or inf")
@@ -880,7 +885,7 @@ def _check_episode(episode: dict, where: str = "episode") -> dict:
 def save_episode(directory, episode: dict) -> pathlib.Path:
     """Validate and write one episode as ``{YYYYmmddTHHMMSS}-{uuid}-{N}.npz`` (atomic)."""
     episode = _check_episode(episode)
-    timestamp = datetime.datetime.now().strftime("%Y%m%dT%H%M%S")
+    timestamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S")  # UTC: never goes back
     path = pathlib.Path(directory) / f"{timestamp}-{uuid.uuid4().hex}-{len(episode['reward'])}.npz"
     atomic_write(path, lambda file: np.savez_compressed(file, **episode))
     return path
@@ -908,7 +913,8 @@ def episode_length(path) -> int:
 def episode_paths(directory) -> list[pathlib.Path]:
     """Episode files of a folder, oldest first.
 
-    Names start with a timestamp in seconds; within one second the
+    Names start with a timestamp in seconds (UTC, so a clock set back for
+    daylight saving does not reorder them); within one second the
     modification time orders the episodes one process wrote.
     """
     return sorted(pathlib.Path(directory).glob("*.npz"),
@@ -933,12 +939,17 @@ def iter_dataset(directory, action_size: int | None = None, image_size: int = IM
     if not paths:
         raise DatasetError(f"{directory}: no episodes (*.npz files) in this folder")
     steps, clipped, short, largest = 0, 0, 0, 0.0
+    first = None  # without action_size, the first episode's: one folder, one action space
     for path in paths:
         episode = load_episode(path)
         found = episode["action"].shape[1]
         if action_size is not None and found != action_size:
             raise DatasetError(f"{path}: action size {found}, expected {action_size}: was this dataset recorded on "
                                "another environment than the target?")
+        first = first or (path, found)
+        if found != first[1]:
+            raise DatasetError(f"{path}: action size {found}, where {first[0].name} has {first[1]}: a folder holds "
+                               "the episodes of one environment")
         if episode["image"].shape[1:3] != (image_size, image_size):
             raise DatasetError(f"{path}: image size {episode['image'].shape[1:3]}, expected {(image_size, image_size)}")
         outside = np.abs(episode["action"]).max()

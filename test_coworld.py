@@ -4,6 +4,7 @@ Run with `MUJOCO_GL=osmesa python -m pytest -q test_coworld.py`."""
 
 import contextlib
 import dataclasses
+import datetime
 import inspect
 import json
 import math
@@ -1896,6 +1897,8 @@ def _set(key, value):
     (_set("image", lambda v: v[..., 0]), "image must be uint8"),
     (_set("image", lambda v: v.astype(np.float32)), "image must be uint8"),
     (_set("action", lambda v: v[:, 0]), "action must be float"),
+    (_set("action", lambda v: v[:, :0]), "action must be float (N, A), A >= 1"),
+    (_set("image", lambda v: v[:, :0]), "image must be uint8"),
     (_set("reward", lambda v: v.astype(np.int64)), "reward must be float"),
     (_set("is_last", lambda v: v.astype(np.float32) / 2), "is_last must be bool"),
     (_set("discount", lambda v: v * 2), "discount must lie in [0, 1]"),
@@ -1961,9 +1964,35 @@ def test_load_dataset_errors(tmp_path):
         envs.load_dataset(tmp_path, action_size=4)
     with pytest.raises(envs.DatasetError, match="image size"):
         envs.load_dataset(tmp_path, image_size=84)
+    other = envs.save_episode(tmp_path, synthetic_episode(4, action_size=4))  # after the first in name order
+    with pytest.raises(envs.DatasetError, match=re.escape(f"{other}: action size 4, where {path.name} has 6")):
+        envs.load_dataset(tmp_path)  # no action size asked for: the folder's first episode sets it
+    other.unlink()
     (tmp_path / "broken.npz").write_bytes(b"junk")
     with pytest.raises(envs.DatasetError, match="broken.npz"):
         envs.load_dataset(tmp_path)
+
+
+def test_atomic_write_puts_the_file_and_its_rename_on_disk(tmp_path, monkeypatch):
+    synced, fsync = [], os.fsync
+    monkeypatch.setattr(envs.os, "fsync", lambda fd: (synced.append(os.path.realpath(f"/proc/self/fd/{fd}")),
+                                                      fsync(fd)))
+    envs.atomic_write(tmp_path / "a.json", lambda file: file.write(b"{}"))
+    assert synced[0].startswith(str(tmp_path / ".a.json.")) and synced[1:] == [str(tmp_path)]
+    assert (tmp_path / "a.json").read_bytes() == b"{}"
+
+
+def test_episode_names_are_utc_so_a_clock_set_back_keeps_their_order(tmp_path, monkeypatch):
+    monkeypatch.setenv("TZ", "America/New_York")
+    time.tzset()
+    try:
+        envs.save_episode(tmp_path, synthetic_episode(3))
+    finally:
+        monkeypatch.delenv("TZ")
+        time.tzset()
+    (path,) = tmp_path.glob("*.npz")
+    named = datetime.datetime.strptime(path.name[:15], "%Y%m%dT%H%M%S").replace(tzinfo=datetime.timezone.utc)
+    assert abs(named.timestamp() - time.time()) < 60
 
 
 def test_dataset_info_round_trip(tmp_path):
