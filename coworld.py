@@ -1159,6 +1159,10 @@ def algorithm1(run):
         for _ in run.steps(1, "finetune: copy the source agent"):
             target.load_state_dict(sources[0].state_dict())
             if cfg.method == "dv2-finetune-ewc":  # ... and each network is held near it
+                if not B_S[0].num_episodes:
+                    raise ConfigError(f"--method dv2-finetune-ewc: the source's {cfg.pretrain_steps} pretraining "
+                                      f"steps ended no episode, so there is no source data for EWC's Fisher; "
+                                      f"raise --pretrain-steps")
                 elastic_weight_consolidation(target, [run.sample(B_S[0]) for _ in range(cfg.ewc_batches)], cfg)
     for r in range(cfg.rounds):  # 4: while not converged do
         # 5: // In the offline domain:
@@ -1237,11 +1241,15 @@ class Run:
         self.checkpoint_path = self.logdir / "checkpoint.pt"
         # A checkpoint is checked before any data is built: one from other flags stops the run at once.
         state = read_checkpoint(self.checkpoint_path, cfg, command) if self.checkpoint_path.exists() else None
+        if state is None:
+            check_run_folder(self.logdir)
         self.target_replay = load_target_data(cfg) if command == "train" else None  # Alg. 1 line 1
         self.logdir.mkdir(parents=True, exist_ok=True)
         if command != "evaluate":  # evaluate only reads: the run may still be writing
-            for stale in self.logdir.rglob(".*.tmp*"):  # half-written files of a killed run: never read, removed
-                stale.unlink()
+            # half-written files of a killed run, never read, removed: in the folders the run writes, no others
+            for folder in (self.logdir, self.logdir / "videos", *self.logdir.glob("replay/*")):
+                for stale in folder.glob(".*.tmp*"):
+                    stale.unlink()
         self.device = torch.device(cfg.device)
         torch.manual_seed(cfg.seed), np.random.seed(cfg.seed), random.seed(cfg.seed)
         self.rng = np.random.default_rng(cfg.seed)
@@ -1407,11 +1415,11 @@ class Run:
         path = self.logdir / "results.json"
         for _ in self.steps(1, "evaluate"):
             self.write_results(agent, env_name, path)
-        if not path.exists():
+        if read_results(path) is None:
             self.write_results(agent, env_name, path)
         elif not self.worked:
             print(f"{self.logdir} has finished already; its results:")
-        return json.loads(path.read_text())
+        return read_results(path)
 
     def write_config(self):
         envs.atomic_write(self.logdir / "config.json",
@@ -1541,8 +1549,40 @@ def read_checkpoint(path, cfg, command="train"):
         raise ConfigError(f"{path} is of an online run (no target agent to evaluate): its results.json holds the "
                           f"online agent's evaluation, and the same `coworld.py online` command evaluates it again "
                           f"once that file is gone")
+    if (command == "online") != (state["target"] is None) and command != "evaluate":  # only train has a target
+        written, other = ("train", "online") if command == "online" else ("online", "train")
+        raise ConfigError(f"{path} is of a `coworld.py {written}` run, not of {other}: use another --logdir")
     check_same_config(state["config"], cfg, path, command)
     return state
+
+
+RUN_OUTPUTS = ("metrics.jsonl", "tb", "results.json", "replay", "videos")  # written after config.json
+
+
+def check_run_folder(logdir):
+    """A run with no checkpoint starts over in its --logdir, rewriting metrics.jsonl and tb/; a folder that holds
+    such files without the config.json a run writes first is not a run's, and its files are not ours to rewrite."""
+    logdir = Path(logdir)
+    found = [name for name in RUN_OUTPUTS if (logdir / name).exists()]
+    if found and not (logdir / "config.json").exists():
+        raise ConfigError(f"{logdir} holds {', '.join(found)} but no config.json or checkpoint.pt, so it is not a "
+                          f"coworld.py run folder: use another --logdir, or move those away")
+
+
+def read_results(path):
+    """A run's results.json, or None when it is missing or damaged (a damaged one is said so): either way the
+    finished run evaluates again."""
+    if not path.exists():
+        return None
+    try:
+        results = json.loads(path.read_text())
+        if isinstance(results, dict) and isinstance(results.get("eval"), dict) and "env" in results:
+            return results
+        problem = "not a results object"
+    except (OSError, ValueError) as error:  # ValueError: bad JSON or bytes that are not UTF-8
+        problem = f"{type(error).__name__}: {first_line(error)}"
+    print(f"note: {path} is damaged ({problem}); evaluating again")
+    return None
 
 
 def first_line(error):
@@ -1646,8 +1686,13 @@ def start_wandb(cfg):
         raise ConfigError("--wandb needs the wandb package: pip install wandb") from None
     import hashlib
     run_id = hashlib.sha1(cfg.logdir.encode()).hexdigest()[:16]
-    return wandb.init(project=cfg.wandb, name=Path(cfg.logdir).name, id=run_id, resume="allow", dir=cfg.logdir,
-                      config=dataclasses.asdict(cfg))
+    try:
+        return wandb.init(project=cfg.wandb, name=Path(cfg.logdir).name, id=run_id, resume="allow", dir=cfg.logdir,
+                          config=dataclasses.asdict(cfg))
+    except Exception as error:  # no API key, no network, a project that is not the user's: wandb's own errors
+        raise ConfigError(f"--wandb {cfg.wandb}: Weights & Biases did not start ({type(error).__name__}: "
+                          f"{first_line(error)}); run `wandb login`, or set WANDB_MODE=offline to log locally "
+                          f"and sync later") from None
 
 
 def progress_bar(total, initial, desc):
@@ -1772,10 +1817,15 @@ def value_error(name, value):
     return range_error(name, value) if numeric else None
 
 
+FLOAT32 = tuple(float(x) for x in (np.finfo(np.float32).tiny, np.finfo(np.float32).max))  # its normal magnitudes
+
+
 def range_error(name, value):
     """What is wrong with a numeric flag's value, or None."""
     if not math.isfinite(value):
         return f"{flag_name(name)} must be a finite number, got {value}"
+    if isinstance(value, float) and value and not FLOAT32[0] <= abs(value) <= FLOAT32[1]:  # what the nets compute in
+        return f"{flag_name(name)} must be 0 or within float32's {FLOAT32[0]:.2g} to {FLOAT32[1]:.2g}, got {value}"
     rules = [(AT_LEAST_ONE, lambda v: v >= 1, "be at least 1"), (AT_LEAST_ZERO, lambda v: v >= 0, "be at least 0"),
              (UNIT_INTERVAL, lambda v: 0 <= v <= 1, "lie in [0, 1]"), (POSITIVE, lambda v: v > 0, "be above 0"),
              (("gamma",), lambda v: 0 < v <= 1, "lie in (0, 1]"), (("horizon",), lambda v: v >= 2, "be at least 2"),
@@ -1794,6 +1844,7 @@ def validate(cfg: Config, command: str = "train"):
     sources = cfg.source if command == "online" or cfg.method != "offline-dv2" else ()
     checks = [
         (cfg.device != "cuda" or torch.cuda.is_available(), "--device cuda, but torch sees no CUDA device"),
+        (cfg.threads <= (os.cpu_count() or 1), f"--threads {cfg.threads}: this machine has {os.cpu_count()} cores"),
         (len(cfg.source) >= 1, "--source needs at least one environment"),
         (cfg.method not in FINETUNE or len(cfg.source) == 1, f"--method {cfg.method} takes one --source"),
         (len(set(sources)) == len(sources), f"--source names {next((n for n in sources if sources.count(n) > 1), '')} "
@@ -1900,6 +1951,12 @@ def unused_flags(cfg):
     return names
 
 
+# What only train reads: the target, its data, and the methods' settings.
+OFFLINE_ONLY = ("target", "target_data", "method", "beta1", "beta2", "k", "alpha", "K1", "K2", "rounds", "eta_start",
+                "eta_end", "state_alignment", "reward_alignment", "value_constraint", "target_pretrain", "ensemble",
+                "penalty", "ewc_lambda", "ewc_batches", "target_episodes", "dataset_policy")
+
+
 def make_config(given, command="train"):
     """Parsed flags -> (Config, notes): dataclass defaults < preset < explicit flags, then Table 7's per-suite
     values; the notes name given flags the method does not read."""
@@ -1914,8 +1971,12 @@ def make_config(given, command="train"):
         raise ConfigError(f"--preset must be auto or one of {', '.join(PRESETS)}")
     cfg = resolve(dataclasses.replace(Config(), **{**PRESETS[preset], **given, "preset": preset}), command)
     validate(cfg, command)
-    unused = [flag_name(name) for name in unused_flags(cfg) if name in given] if command == "train" else []
-    notes = [f"--method {cfg.method} does not use {', '.join(unused)}"] if unused else []
+    if command == "online":
+        unused = [flag_name(name) for name in OFFLINE_ONLY if name in given]
+        notes = [f"online trains one agent online and does not use {', '.join(unused)}"] if unused else []
+    else:
+        unused = [flag_name(name) for name in unused_flags(cfg) if name in given] if command == "train" else []
+        notes = [f"--method {cfg.method} does not use {', '.join(unused)}"] if unused else []
     return cfg, notes
 
 
@@ -1931,8 +1992,11 @@ def evaluation_config(given):
         return make_config(given, "evaluate")
     try:
         saved = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise ConfigError(f"{path}: damaged ({error}); pass the run's flags to evaluate it") from error
+    except ValueError as error:  # bad JSON, or bytes that are not UTF-8
+        raise ConfigError(f"{path}: damaged ({first_line(error)}); pass the run's flags to evaluate it") from error
+    if not isinstance(saved, dict):
+        raise ConfigError(f"{path}: damaged (a JSON {type(saved).__name__}, not the run's flags); pass the run's "
+                          f"flags to evaluate it")
     fields = {f.name for f in dataclasses.fields(Config)} - set(MACHINE_SETTINGS)
     return make_config({**{name: saved[name] for name in fields & saved.keys()}, **given}, "evaluate")
 
@@ -1949,6 +2013,10 @@ def parse_args(argv):
     given = vars(parser.parse_args(argv))
     if command == "online" and "env" not in given:
         raise ConfigError("online needs --env: the environment the agent learns in, e.g. --env dmc:walker_walk")
+    if command == "online" and "source" in given:
+        raise ConfigError("online takes --env (the one environment it learns in), not --source")
+    if command == "online" and {"steps", "pretrain_steps"} <= given.keys():
+        raise ConfigError("online takes --steps or --pretrain-steps (the same count), not both")
     if "env" in given:
         given["source"] = (given.pop("env"),)
     if "steps" in given:

@@ -215,6 +215,8 @@ class Env:
         action = np.asarray(action, dtype=np.float64)
         if action.shape != (self.action_size,):
             raise ValueError(f"{self.name}: action has shape {action.shape}, expected ({self.action_size},)")
+        if not np.isfinite(action).all():  # np.clip keeps NaN, which the simulators reject or propagate
+            raise ValueError(f"{self.name}: action {action.tolist()} is not finite")
         action = np.clip(action, -1.0, 1.0)
         reward, terminal = 0.0, False
         for _ in range(self.action_repeat):
@@ -1237,11 +1239,14 @@ def collect(env_name: str, policy: str, episodes: int, out, seed: int = 0, rende
                        f"have one); valid policies for it: random")
     if not 0.0 <= epsilon[0] <= epsilon[1] <= 1.0:
         raise EnvError(f"epsilon must be a range inside [0, 1], got {epsilon}")
-    out = pathlib.Path(out)
+    given, out = out, pathlib.Path(os.path.realpath(out))  # a link's target, which the finished folder replaces
     if out.exists() and not out.is_dir():
-        raise DatasetError(f"{out}: a file, not a folder; collect into a new folder")
+        raise DatasetError(f"{given}: a file, not a folder; collect into a new folder")
+    if out == pathlib.Path(os.path.realpath(os.getcwd())):
+        raise DatasetError(f"{given}: the current folder, which the finished dataset would replace; collect into a "
+                           f"new folder")
     if out.exists() and any(out.iterdir()):
-        raise DatasetError(f"{out}: not an empty folder; collect into a new folder")
+        raise DatasetError(f"{given}: not an empty folder; collect into a new folder")
     partial = out.with_name(f".{out.name}.partial")
     shutil.rmtree(partial, ignore_errors=True)
     rng = np.random.default_rng(seed)
@@ -1444,6 +1449,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.command == "expert" and args.seed + args.episodes > 2 ** 32:
+            raise EnvError(f"--seed {args.seed}: episode i is reset with seed {args.seed} + i, and seeds lie in "
+                           f"[0, 2**32); lower --seed or --episodes")
         if args.command == "collect":
             collect(args.env, args.policy, args.episodes, args.out, seed=args.seed,
                     render=args.render, max_steps=args.max_steps)
@@ -1454,6 +1462,9 @@ def main(argv=None) -> int:
     except (EnvError, DatasetError, OSError) as exc:
         print(f"envs.py: error: {error_message(exc)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # a collection leaves nothing behind (its hidden .partial folder goes next time)
+        print("envs.py: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

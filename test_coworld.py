@@ -1171,6 +1171,46 @@ def test_online_run_writes_episodes_metrics_video_checkpoint_and_resumes(tmp_pat
     assert "recorded with render='fast'" in capsys.readouterr().err
 
 
+def test_a_run_folder_holds_one_kind_of_run_and_only_its_own_files_are_touched(tmp_path, capsys):
+    run = tmp_path / "run"
+    (run / "notes").mkdir(parents=True)
+    (run / "notes" / ".draft.tmp.txt").write_text("mine")  # named like a torn file, in no folder the run writes
+    assert C.main(online_flags(run, steps=20)) == 0
+    assert (run / "notes" / ".draft.tmp.txt").read_text() == "mine"
+    capsys.readouterr()
+    assert C.main(["--source", "dmc:cartpole_balance", "--target", "dmc:cartpole_swingup", *tiny_flags(run)]) == 2
+    assert "is of a `coworld.py online` run, not of train" in capsys.readouterr().err
+    state = torch.load(run / "checkpoint.pt", weights_only=True)
+    torch.save({**state, "target": state["sources"][0]}, tmp_path / "train.pt")  # a train run's has a target
+    with pytest.raises(C.ConfigError, match="is of a `coworld.py train` run, not of online"):
+        C.read_checkpoint(tmp_path / "train.pt", C.parse_args(online_flags(run, steps=20))[1], "online")
+    for damage in (b'{"env": "dmc', b"{}", b"\xff"):  # a damaged results.json: the finished run evaluates again
+        (run / "results.json").write_bytes(damage)
+        assert C.main(online_flags(run, steps=20)) == 0
+        assert "results.json is damaged" in capsys.readouterr().out
+        assert json.loads((run / "results.json").read_text())["eval"]["episodes"] == 1
+    # A folder holding what a run writes, but not the config.json it writes first, is not a run's: left as it is.
+    other = tmp_path / "other"
+    (other / "tb").mkdir(parents=True)
+    (other / "tb" / "events.important").write_text("precious")
+    (other / "metrics.jsonl").write_text("line\n")
+    assert C.main(online_flags(other, steps=20)) == 2
+    assert f"{other} holds metrics.jsonl, tb but no config.json" in capsys.readouterr().err
+    assert (other / "tb" / "events.important").read_text() == "precious"
+    assert (other / "metrics.jsonl").read_text() == "line\n"
+    for damage in (b"[]", b"\xff"):
+        (run / "config.json").write_bytes(damage)
+        with pytest.raises(C.ConfigError, match="config.json: damaged"):
+            C.parse_args(["evaluate", "--logdir", str(run)])
+
+
+def test_ewc_without_a_source_episode_names_the_flag(tmp_path, capsys):
+    argv = [*offline_flags(tmp_path / "run", **{"pretrain-steps": 2}), "--method", "dv2-finetune-ewc",
+            "--source", "dmc:cartpole_balance"]
+    assert C.main(argv) == 2
+    assert "pretraining steps ended no episode" in capsys.readouterr().err
+
+
 def test_online_run_stops_at_the_stop_return(tmp_path):
     # The medium-replay recipe: stop once the last 5 episodes average the given return (any return here).
     run = tmp_path / "run"
@@ -2199,6 +2239,38 @@ def test_collect_rejects_bad_requests(tmp_path):
         envs.collect("dmc:walker_walk", "random", 1, tmp_path / "full")
 
 
+def test_collect_into_a_link_fills_its_target_and_refuses_the_current_folder(tmp_path, monkeypatch):
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    (tmp_path / "dangling").symlink_to(tmp_path / "made")
+    for out, folder in (("link", "real"), ("dangling", "made")):
+        envs.collect("dmc:walker_walk", "random", 1, tmp_path / out, render="fast", max_steps=2)
+        assert len(envs.load_dataset(tmp_path / folder)) == 1 and (tmp_path / out).is_symlink()
+    (tmp_path / "empty").mkdir()
+    monkeypatch.chdir(tmp_path / "empty")
+    with pytest.raises(envs.DatasetError, match="the current folder"):
+        envs.collect("dmc:walker_walk", "random", 1, ".", render="fast", max_steps=2)
+
+
+def test_envs_cli_checks_the_seeds_of_all_episodes_and_stops_on_ctrl_c(monkeypatch, capsys):
+    assert envs.main(["expert", "--env", "robodesk:open_slide", "--seed", str(2 ** 32 - 1), "--episodes", "2"]) == 2
+    assert "seeds lie in [0, 2**32)" in capsys.readouterr().err
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(envs, "collect", ctrl_c)
+    assert envs.main(["collect", "--env", "dmc:walker_walk", "--policy", "random", "--episodes", "1",
+                      "--out", "unused"]) == 130
+    assert capsys.readouterr().err.strip() == "envs.py: interrupted"
+
+
+def test_a_non_finite_action_is_refused():
+    with envs.make_env("dmc:cartpole_balance", render="fast", max_steps=2) as env:
+        env.reset()
+        with pytest.raises(ValueError, match="is not finite"):
+            env.step(np.array([np.nan]))
+
+
 def test_an_interrupted_collection_leaves_no_dataset(tmp_path, monkeypatch):
     run_episode, calls = envs.run_episode, []
 
@@ -3008,6 +3080,32 @@ def test_flags_a_method_does_not_read_are_named(tmp_path, capsys):
     assert C.parse_args([*coworld[:2], "dmc:cheetah_run", *coworld[2:]])[2] == []  # two sources: App. C pretrains
     with pytest.raises(C.ConfigError, match="online needs --env"):
         C.parse_args(["online", "--steps", "10"])
+    # online: train's flags are named as unused; --source and a second step count contradict --env and --steps.
+    assert C.parse_args(["online", "--env", "dmc:walker_walk", "--K1", "3", "--method", "offline-dv2"])[2] == [
+        "online trains one agent online and does not use --method, --K1"]
+    assert C.parse_args(["online", "--env", "dmc:walker_walk", "--pretrain-steps", "7"])[1].pretrain_steps == 7
+    with pytest.raises(C.ConfigError, match="online takes --env .*not --source"):
+        C.parse_args(["online", "--env", "dmc:walker_walk", "--source", "dmc:cartpole_balance"])
+    with pytest.raises(C.ConfigError, match="--steps or --pretrain-steps .* not both"):
+        C.parse_args(["online", "--env", "dmc:walker_walk", "--steps", "3", "--pretrain-steps", "50"])
+
+
+def test_numbers_beyond_float32_and_more_threads_than_cores_are_refused(tmp_path):
+    # The networks compute in float32: 1e300 overflows it, and an Adam eps of 1e-50 would be 0 there (NaN weights).
+    assert "float32" in C.range_error("free_nats", 1e300) and "float32" in C.range_error("adam_eps", 1e-50)
+    assert C.range_error("adam_eps", 1e-5) is None and C.range_error("free_nats", 0.0) is None
+    for flag, value in (("--free-nats", "1e300"), ("--adam-eps", "1e-50"), ("--threads", "100000")):
+        with pytest.raises(C.ConfigError, match=re.escape(flag)):
+            C.parse_args(["--target", "dmc:cartpole_swingup", flag, value, "--logdir", str(tmp_path / "run")])
+
+
+def test_a_failing_weights_and_biases_start_is_one_line(monkeypatch):
+    def no_key(**kwargs):
+        raise RuntimeError("No API key configured. Use `wandb login` to log in.")
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=no_key))
+    with pytest.raises(C.ConfigError, match="--wandb proj: Weights & Biases did not start .*No API key.*"
+                                            "WANDB_MODE=offline"):
+        C.start_wandb(small_cfg(wandb="proj", logdir="/tmp/run"))
 
 
 def test_a_tilde_in_a_path_is_the_home_folder(tmp_path, monkeypatch):
