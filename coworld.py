@@ -1159,10 +1159,6 @@ def algorithm1(run):
         for _ in run.steps(1, "finetune: copy the source agent"):
             target.load_state_dict(sources[0].state_dict())
             if cfg.method == "dv2-finetune-ewc":  # ... and each network is held near it
-                if not B_S[0].num_episodes:
-                    raise ConfigError(f"--method dv2-finetune-ewc: the source's {cfg.pretrain_steps} pretraining "
-                                      f"steps ended no episode, so there is no source data for EWC's Fisher; "
-                                      f"raise --pretrain-steps")
                 elastic_weight_consolidation(target, [run.sample(B_S[0]) for _ in range(cfg.ewc_batches)], cfg)
     for r in range(cfg.rounds):  # 4: while not converged do
         # 5: // In the offline domain:
@@ -1342,6 +1338,9 @@ class Run:
             self.bar.write(f"  {change}")
 
     def sample(self, replay):
+        if not replay.num_episodes:  # only a source's can be empty: B^(T) is checked when it loads
+            raise ConfigError(f"{replay.directory}: no source episode to train on; its {self.cfg.pretrain_steps} "
+                              f"pretraining steps ended none: raise --pretrain-steps")
         batch = replay.sample(self.cfg.batch_size, self.cfg.seq_len, self.rng)
         return to_torch(batch, self.action_size, self.device)
 

@@ -1208,7 +1208,8 @@ def test_ewc_without_a_source_episode_names_the_flag(tmp_path, capsys):
     argv = [*offline_flags(tmp_path / "run", **{"pretrain-steps": 2}), "--method", "dv2-finetune-ewc",
             "--source", "dmc:cartpole_balance"]
     assert C.main(argv) == 2
-    assert "pretraining steps ended no episode" in capsys.readouterr().err
+    assert "no source episode to train on; its 2 pretraining steps ended none: raise --pretrain-steps" in (
+        capsys.readouterr().err)
 
 
 def test_online_run_stops_at_the_stop_return(tmp_path):
