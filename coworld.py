@@ -1414,11 +1414,13 @@ class Run:
         path = self.logdir / "results.json"
         for _ in self.steps(1, "evaluate"):
             self.write_results(agent, env_name, path)
-        if read_results(path) is None:
+        results = read_results(path)
+        if results is None:
             self.write_results(agent, env_name, path)
+            results = json.loads(path.read_text())
         elif not self.worked:
             print(f"{self.logdir} has finished already; its results:")
-        return read_results(path)
+        return results
 
     def write_config(self):
         envs.atomic_write(self.logdir / "config.json",
