@@ -1075,6 +1075,17 @@ def test_device_auto_picks_the_paper_preset_on_a_gpu(monkeypatch):
         assert (cfg.preset, cfg.device, cfg.batch_size, cfg.precision) == ("paper", "cuda", 50, "bf16")
 
 
+def test_precision_auto_is_bf16_on_a_cpu_only_with_amx(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    flags = ["--source", "metaworld:window-close", "--target", "robodesk:open_slide"]
+    for amx, precision in ((True, "bf16"), (False, "float32")):
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda amx=amx: amx)
+        assert C.parse_args(flags)[1].precision == precision
+        assert C.parse_args([*flags, "--precision", "float32"])[1].precision == "float32"
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")  # a torch without the private query: no AMX assumed
+    assert C.parse_args(flags)[1].precision == "float32"
+
+
 def test_main_command_end_to_end_and_resume(tmp_path, monkeypatch, capsys):
     run = tmp_path / "run"
     argv = ["--source", "metaworld:window-close", "--target", "robodesk:open_slide",
@@ -1189,6 +1200,13 @@ def test_a_run_folder_holds_one_kind_of_run_and_only_its_own_files_are_touched(t
         assert C.main(online_flags(run, steps=20)) == 0
         assert "results.json is damaged" in capsys.readouterr().out
         assert json.loads((run / "results.json").read_text())["eval"]["episodes"] == 1
+    # A run killed before its first checkpoint leaves config.json, which names its command: still refused.
+    (run / "checkpoint.pt").rename(tmp_path / "online.pt")
+    config = (run / "config.json").read_text()
+    assert C.main(["--source", "dmc:cartpole_balance", "--target", "dmc:cartpole_swingup", *tiny_flags(run)]) == 2
+    assert "is of a `coworld.py online` run, not of train" in capsys.readouterr().err
+    assert (run / "config.json").read_text() == config and json.loads(config)["command"] == "online"
+    (tmp_path / "online.pt").rename(run / "checkpoint.pt")
     # A folder holding what a run writes, but not the config.json it writes first, is not a run's: left as it is.
     other = tmp_path / "other"
     (other / "tb").mkdir(parents=True)
