@@ -1551,8 +1551,7 @@ def read_checkpoint(path, cfg, command="train"):
                           f"online agent's evaluation, and the same `coworld.py online` command evaluates it again "
                           f"once that file is gone")
     if (command == "online") != (state["target"] is None) and command != "evaluate":  # only train has a target
-        written, other = ("train", "online") if command == "online" else ("online", "train")
-        raise ConfigError(f"{path} is of a `coworld.py {written}` run, not of {other}: use another --logdir")
+        raise other_kind(path, "train" if command == "online" else "online", command)
     check_same_config(state["config"], cfg, path, command)
     return state
 
@@ -1574,7 +1573,12 @@ def check_run_folder(logdir, command):
     except (OSError, ValueError, AttributeError):  # none yet, or damaged: the run writes it anew
         return
     if written != command and command != "evaluate":
-        raise ConfigError(f"{logdir} is of a `coworld.py {written}` run, not of {command}: use another --logdir")
+        raise other_kind(logdir, written, command)
+
+
+def other_kind(where, written, command):
+    """train and online never share a --logdir: where the checkpoint or config.json names the other command."""
+    return ConfigError(f"{where} is of a `coworld.py {written}` run, not of {command}: use another --logdir")
 
 
 def read_results(path):
